@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -21,9 +23,15 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= TOL * max(1.0, abs(a), abs(b))
 
 
-def random_problem(seed: int, *, max_layers: int = 6, max_options: int = 4,
-                   integer_bits: bool = False, unit_sizes: bool = False,
-                   with_unavailable: bool = True) -> AllocationProblem:
+def random_problem(
+    seed: int,
+    *,
+    max_layers: int = 6,
+    max_options: int = 4,
+    integer_bits: bool = False,
+    unit_sizes: bool = False,
+    with_unavailable: bool = True,
+) -> AllocationProblem:
     rng = np.random.default_rng(seed)
     L = int(rng.integers(1, max_layers + 1))
     J = int(rng.integers(1, max_options + 1))
@@ -119,7 +127,7 @@ def test_objective_non_increasing_in_budget(seed):
     lo, hi = p.feasible_range()
     budgets = np.linspace(lo, hi, 15)
     values = [solve(p, b, num_bins=500, refine=False).predicted for b in budgets]
-    assert all(b <= a + TOL * max(1.0, a) for a, b in zip(values, values[1:])), values
+    assert all(b <= a + TOL * max(1.0, a) for a, b in itertools.pairwise(values)), values
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -128,7 +136,7 @@ def test_exact_objective_non_increasing_in_capacity(seed):
     costs = np.random.default_rng(seed).integers(0, 50, size=(p.num_layers, p.num_options))
     cheapest = int(np.where(np.isfinite(p.errors), costs, 10**9).min(axis=1).sum())
     values = [exact_solve(p, costs, cheapest + k * 40).predicted for k in range(12)]
-    assert all(b <= a + TOL * max(1.0, a) for a, b in zip(values, values[1:])), values
+    assert all(b <= a + TOL * max(1.0, a) for a, b in itertools.pairwise(values)), values
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -153,9 +161,12 @@ def test_large_instance_dp_consistent_and_refinement_helps():
     rng = np.random.default_rng(0)
     L, J = 200, 12
     bits = np.sort(rng.uniform(1.5, 8.0, size=(L, J)), axis=1)
-    p = AllocationProblem(alphas=rng.uniform(0.1, 5.0, L),
-                          errors=np.exp(-1.4 * bits) * rng.uniform(0.8, 1.2, (L, J)),
-                          bits=bits, sizes=rng.integers(10**5, 10**7, L))
+    p = AllocationProblem(
+        alphas=rng.uniform(0.1, 5.0, L),
+        errors=np.exp(-1.4 * bits) * rng.uniform(0.8, 1.2, (L, J)),
+        bits=bits,
+        sizes=rng.integers(10**5, 10**7, L),
+    )
     raw = solve(p, 3.25, refine=False)
     refined = solve(p, 3.25)
     assert raw.avg_bits <= 3.25 and refined.avg_bits <= 3.25 * (1 + 1e-12)
@@ -167,9 +178,14 @@ def test_large_instance_dp_consistent_and_refinement_helps():
 
 
 def test_zero_alpha_layer_and_names():
-    p = AllocationProblem(alphas=[0.0, 1.0], errors=[[0.1, 0.01], [0.1, 0.01]],
-                          bits=[[2.0, 4.0], [2.0, 4.0]], sizes=[100, 100],
-                          layer_names=("a", "b"), option_names=("2b", "4b"))
+    p = AllocationProblem(
+        alphas=[0.0, 1.0],
+        errors=[[0.1, 0.01], [0.1, 0.01]],
+        bits=[[2.0, 4.0], [2.0, 4.0]],
+        sizes=[100, 100],
+        layer_names=("a", "b"),
+        option_names=("2b", "4b"),
+    )
     plan = solve(p, 3.0)
     # The budget allows one 4-bit layer; it must go to the layer whose error counts.
     assert tuple(plan.choices) == (0, 1)
@@ -182,44 +198,57 @@ def test_zero_alpha_layer_and_names():
 
 
 def _valid(**over):
-    kw = dict(alphas=[1.0, 2.0, 3.0], errors=np.full((3, 2), 0.1), bits=np.full((3, 2), 4.0),
-              sizes=[10, 20, 30])
+    kw = {
+        "alphas": [1.0, 2.0, 3.0],
+        "errors": np.full((3, 2), 0.1),
+        "bits": np.full((3, 2), 4.0),
+        "sizes": [10, 20, 30],
+    }
     kw.update(over)
     return kw
 
 
-@pytest.mark.parametrize("alphas, match", [
-    ([1.0, float("nan"), 3.0], r"layer 1.*nan"),
-    ([1.0, 2.0, -0.5], r"layer 2.*-0\.5"),
-    ([1.0, float("inf"), 3.0], r"layer 1.*inf"),
-])
+@pytest.mark.parametrize(
+    "alphas, match",
+    [
+        ([1.0, float("nan"), 3.0], r"layer 1.*nan"),
+        ([1.0, 2.0, -0.5], r"layer 2.*-0\.5"),
+        ([1.0, float("inf"), 3.0], r"layer 1.*inf"),
+    ],
+)
 def test_bad_alpha_names_layer_and_value(alphas, match):
     with pytest.raises(ValueError, match=match):
         AllocationProblem(**_valid(alphas=alphas))
 
 
-@pytest.mark.parametrize("over, match", [
-    (dict(errors=np.full((2, 2), 0.1)), "errors must have shape"),
-    (dict(bits=np.full((3, 3), 4.0)), "bits must have the shape"),
-    (dict(sizes=[10, 20]), "sizes must have shape"),
-    (dict(sizes=[10, 0, 30]), "size of layer 1"),
-    (dict(errors=[[0.1, np.nan], [0.1, 0.1], [0.1, 0.1]]), "option 1 at layer 0"),
-    (dict(errors=[[0.1, 0.1], [-1.0, 0.1], [0.1, 0.1]]), "option 0 at layer 1"),
-    (dict(errors=[[0.1, 0.1], [np.inf, np.inf], [0.1, 0.1]]), "layer 1 has no available"),
-    (dict(bits=[[4.0, 4.0], [4.0, 4.0], [np.nan, 4.0]]), "option 0 at layer 2"),
-    (dict(layer_names=("a", "b")), "layer_names has 2"),
-    (dict(option_names=("x",)), "option_names has 1"),
-])
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"errors": np.full((2, 2), 0.1)}, "errors must have shape"),
+        ({"bits": np.full((3, 3), 4.0)}, "bits must have the shape"),
+        ({"sizes": [10, 20]}, "sizes must have shape"),
+        ({"sizes": [10, 0, 30]}, "size of layer 1"),
+        ({"errors": [[0.1, np.nan], [0.1, 0.1], [0.1, 0.1]]}, "option 1 at layer 0"),
+        ({"errors": [[0.1, 0.1], [-1.0, 0.1], [0.1, 0.1]]}, "option 0 at layer 1"),
+        ({"errors": [[0.1, 0.1], [np.inf, np.inf], [0.1, 0.1]]}, "layer 1 has no available"),
+        ({"bits": [[4.0, 4.0], [4.0, 4.0], [np.nan, 4.0]]}, "option 0 at layer 2"),
+        ({"layer_names": ("a", "b")}, "layer_names has 2"),
+        ({"option_names": ("x",)}, "option_names has 1"),
+    ],
+)
 def test_bad_problem_shapes_and_values(over, match):
     with pytest.raises(ValueError, match=match):
         AllocationProblem(**_valid(**over))
 
 
-@pytest.mark.parametrize("budget, match", [
-    (1.5, r"budget 1\.5 .*below the cheapest plan \(2\)"),
-    (9.25, r"budget 9\.25 .*above the most expensive plan \(8\)"),
-    (float("nan"), "budget must be a finite"),
-])
+@pytest.mark.parametrize(
+    "budget, match",
+    [
+        (1.5, r"budget 1\.5 .*below the cheapest plan \(2\)"),
+        (9.25, r"budget 9\.25 .*above the most expensive plan \(8\)"),
+        (float("nan"), "budget must be a finite"),
+    ],
+)
 def test_budget_out_of_range(budget, match):
     p = AllocationProblem(**_valid(bits=np.array([[2.0, 8.0]] * 3)))
     with pytest.raises(ValueError, match=match):
@@ -227,8 +256,9 @@ def test_budget_out_of_range(budget, match):
 
 
 def test_bad_num_bins_and_exact_inputs():
-    p = AllocationProblem(**_valid(bits=np.array([[2.0, 8.0]] * 3),
-                                   errors=np.array([[0.2, 0.01]] * 3)))
+    p = AllocationProblem(
+        **_valid(bits=np.array([[2.0, 8.0]] * 3), errors=np.array([[0.2, 0.01]] * 3))
+    )
     with pytest.raises(ValueError, match="num_bins"):
         solve(p, 4.0, num_bins=0)
     with pytest.raises(ValueError, match="capacity 1 is below the cheapest plan's cost 3"):

@@ -114,7 +114,8 @@ class AllocationProblem:
             i = int(bad[0])
             raise ValueError(
                 f"alpha of layer {i}{self._name(i)} is {alphas[i]!r}; alphas must be finite and "
-                f">= 0 (clip or recalibrate noisy negative alphas)")
+                f">= 0 (clip or recalibrate noisy negative alphas)"
+            )
         bad = np.flatnonzero(sizes <= 0)
         if bad.size:
             i = int(bad[0])
@@ -122,8 +123,10 @@ class AllocationProblem:
         bad = np.argwhere(np.isnan(errors) | (errors < 0))
         if bad.size:
             i, j = (int(x) for x in bad[0])
-            raise ValueError(f"error of option {j} at layer {i}{self._name(i)} is {errors[i, j]!r}; "
-                             "errors must be >= 0 (use +inf for an unavailable option)")
+            raise ValueError(
+                f"error of option {j} at layer {i}{self._name(i)} is {errors[i, j]!r}; "
+                "errors must be >= 0 (use +inf for an unavailable option)"
+            )
         available = np.isfinite(errors)
         no_option = np.flatnonzero(~available.any(axis=1))
         if no_option.size:
@@ -132,21 +135,31 @@ class AllocationProblem:
         bad = np.argwhere(available & ~(np.isfinite(bits) & (bits >= 0)))
         if bad.size:
             i, j = (int(x) for x in bad[0])
-            raise ValueError(f"bits of option {j} at layer {i}{self._name(i)} is {bits[i, j]!r}; "
-                             "bits must be finite and >= 0 where the option is available")
+            raise ValueError(
+                f"bits of option {j} at layer {i}{self._name(i)} is {bits[i, j]!r}; "
+                "bits must be finite and >= 0 where the option is available"
+            )
         layer_names = None if self.layer_names is None else tuple(str(n) for n in self.layer_names)
-        option_names = None if self.option_names is None else tuple(str(n) for n in self.option_names)
+        option_names = (
+            None if self.option_names is None else tuple(str(n) for n in self.option_names)
+        )
         if layer_names is not None and len(layer_names) != L:
             raise ValueError(f"layer_names has {len(layer_names)} entries, expected L={L}")
         if option_names is not None and len(option_names) != J:
             raise ValueError(f"option_names has {len(option_names)} entries, expected J={J}")
         # Unavailable options cost +inf so no code path can pick them.
         bits = np.where(available, bits, np.inf)
-        for name, value in (("alphas", alphas), ("errors", errors), ("bits", bits),
-                            ("sizes", sizes), ("layer_names", layer_names),
-                            ("option_names", option_names)):
-            object.__setattr__(self, name, _readonly(value) if isinstance(value, np.ndarray)
-                               else value)
+        for name, value in (
+            ("alphas", alphas),
+            ("errors", errors),
+            ("bits", bits),
+            ("sizes", sizes),
+            ("layer_names", layer_names),
+            ("option_names", option_names),
+        ):
+            object.__setattr__(
+                self, name, _readonly(value) if isinstance(value, np.ndarray) else value
+            )
 
     def _name(self, i: int) -> str:
         names = self.layer_names
@@ -194,8 +207,9 @@ class AllocationProblem:
     def _check_choices(self, choices: Sequence[int] | np.ndarray) -> np.ndarray:
         c = np.asarray(choices)
         if c.shape != (self.num_layers,) or not np.issubdtype(c.dtype, np.integer):
-            raise ValueError(f"choices must be {self.num_layers} integers, got shape {c.shape} "
-                             f"dtype {c.dtype}")
+            raise ValueError(
+                f"choices must be {self.num_layers} integers, got shape {c.shape} dtype {c.dtype}"
+            )
         if np.any((c < 0) | (c >= self.num_options)):
             raise ValueError(f"choices must lie in [0, {self.num_options}), got {c}")
         return c.astype(np.int64)
@@ -232,23 +246,37 @@ class AllocationPlan:
     def describe(self) -> str:
         """A per-layer table of the plan (layer, option, bits/weight, alpha*err)."""
         p = self.problem
-        lines = [f"plan ({self.method}): avg {self.avg_bits:.4f} bits/weight"
-                 + (f" (budget {self.budget:g})" if self.budget is not None else "")
-                 + f", predicted {self.predicted:.6g}"]
+        lines = [
+            f"plan ({self.method}): avg {self.avg_bits:.4f} bits/weight"
+            + (f" (budget {self.budget:g})" if self.budget is not None else "")
+            + f", predicted {self.predicted:.6g}"
+        ]
         w = p.weighted_errors
         for l, j in enumerate(self.choices):
             name = p.layer_names[l] if p.layer_names is not None else str(l)
-            lines.append(f"  {name:40s} {self.choice_names[l]:>24s} {p.bits[l, j]:7.3f} "
-                         f"{w[l, j]:.4g}")
+            lines.append(
+                f"  {name:40s} {self.choice_names[l]:>24s} {p.bits[l, j]:7.3f} {w[l, j]:.4g}"
+            )
         return "\n".join(lines)
 
 
-def _make_plan(problem: AllocationProblem, choices: np.ndarray, budget: float | None,
-               method: str, num_bins: int | None) -> AllocationPlan:
+def _make_plan(
+    problem: AllocationProblem,
+    choices: np.ndarray,
+    budget: float | None,
+    method: str,
+    num_bins: int | None,
+) -> AllocationPlan:
     choices = _readonly(np.asarray(choices, dtype=np.int64))
-    return AllocationPlan(choices=choices, predicted=problem.objective(choices),
-                          avg_bits=problem.average_bits(choices), budget=budget, method=method,
-                          num_bins=num_bins, problem=problem)
+    return AllocationPlan(
+        choices=choices,
+        predicted=problem.objective(choices),
+        avg_bits=problem.average_bits(choices),
+        budget=budget,
+        method=method,
+        num_bins=num_bins,
+        problem=problem,
+    )
 
 
 def _check_budget(problem: AllocationProblem, budget: float) -> None:
@@ -257,15 +285,20 @@ def _check_budget(problem: AllocationProblem, budget: float) -> None:
     if not np.isfinite(b):
         raise ValueError(f"budget must be a finite number of bits/weight, got {budget!r}")
     if b < lo * (1 - _REL_TOL):
-        raise ValueError(f"budget {b:g} bits/weight is below the cheapest plan ({lo:.6g}); "
-                         f"feasible budgets lie in [{lo:.6g}, {hi:.6g}]")
+        raise ValueError(
+            f"budget {b:g} bits/weight is below the cheapest plan ({lo:.6g}); "
+            f"feasible budgets lie in [{lo:.6g}, {hi:.6g}]"
+        )
     if b > hi * (1 + _REL_TOL):
-        raise ValueError(f"budget {b:g} bits/weight is above the most expensive plan ({hi:.6g}); "
-                         f"feasible budgets lie in [{lo:.6g}, {hi:.6g}]")
+        raise ValueError(
+            f"budget {b:g} bits/weight is above the most expensive plan ({hi:.6g}); "
+            f"feasible budgets lie in [{lo:.6g}, {hi:.6g}]"
+        )
 
 
-def discretize(problem: AllocationProblem, budget_bits_per_weight: float,
-               num_bins: int = 2000) -> tuple[np.ndarray, int]:
+def discretize(
+    problem: AllocationProblem, budget_bits_per_weight: float, num_bins: int = 2000
+) -> tuple[np.ndarray, int]:
     """Integer DP costs (rounded up, relative to each layer's cheapest option) and the capacity.
 
     Returns:
@@ -296,8 +329,9 @@ def discretize(problem: AllocationProblem, budget_bits_per_weight: float,
 
 
 @functools.partial(jax.jit, static_argnames=("table_size",))
-def _dp(weighted: jax.Array, costs: jax.Array, capacity: jax.Array, *,
-        table_size: int) -> tuple[jax.Array, jax.Array]:
+def _dp(
+    weighted: jax.Array, costs: jax.Array, capacity: jax.Array, *, table_size: int
+) -> tuple[jax.Array, jax.Array]:
     """Forward DP + backtrack.
 
     Args:
@@ -358,8 +392,12 @@ def _run_dp(weighted: np.ndarray, costs: np.ndarray, capacity: int) -> tuple[flo
     c[:L, :J] = np.minimum(costs, capacity + 1)
     c[L:, 0] = 0
     with jax.enable_x64(True):
-        best, choices = _dp(jnp.asarray(w, jnp.float64), jnp.asarray(c, jnp.int64),
-                            jnp.asarray(capacity, jnp.int64), table_size=t)
+        best, choices = _dp(
+            jnp.asarray(w, jnp.float64),
+            jnp.asarray(c, jnp.int64),
+            jnp.asarray(capacity, jnp.int64),
+            table_size=t,
+        )
         return float(best), np.asarray(choices, dtype=np.int64)[:L]
 
 
@@ -381,13 +419,19 @@ def _refine(problem: AllocationProblem, choices: np.ndarray, total_bits: float) 
             ratio = np.where(ok, gain / np.maximum(extra, 1e-300), -np.inf)
         ratio = np.where(ok & (extra <= 0), np.inf, ratio)
         best = np.flatnonzero(ratio.ravel() == ratio.max())
-        l, j = divmod(int(best[np.argmax(np.where(ok, gain, -np.inf).ravel()[best])]),
-                      problem.num_options)
+        l, j = divmod(
+            int(best[np.argmax(np.where(ok, gain, -np.inf).ravel()[best])]), problem.num_options
+        )
         choices[l] = j
 
 
-def solve(problem: AllocationProblem, budget_bits_per_weight: float, *, num_bins: int = 2000,
-          refine: bool = True) -> AllocationPlan:
+def solve(
+    problem: AllocationProblem,
+    budget_bits_per_weight: float,
+    *,
+    num_bins: int = 2000,
+    refine: bool = True,
+) -> AllocationPlan:
     """The least-predicted-error plan whose average bits/weight is <= the budget.
 
     Args:
@@ -458,8 +502,13 @@ def exact_solve(problem: AllocationProblem, costs: np.ndarray, capacity: int) ->
     return _make_plan(problem, choices, None, "exact", capacity)
 
 
-def brute_force(problem: AllocationProblem, budget_bits_per_weight: float | None = None, *,
-                costs: np.ndarray | None = None, capacity: int | None = None) -> AllocationPlan:
+def brute_force(
+    problem: AllocationProblem,
+    budget_bits_per_weight: float | None = None,
+    *,
+    costs: np.ndarray | None = None,
+    capacity: int | None = None,
+) -> AllocationPlan:
     """Exhaustive search over all J^L plans (tests only; L*log2(J) must stay small).
 
     With a budget: feasibility in real bits (avg bits <= budget, 1e-12 relative slack). With
@@ -469,7 +518,7 @@ def brute_force(problem: AllocationProblem, budget_bits_per_weight: float | None
     if (budget_bits_per_weight is None) == (costs is None or capacity is None):
         raise ValueError("pass either budget_bits_per_weight or both costs and capacity")
     L, J = problem.num_layers, problem.num_options
-    if J ** L > 2_000_000:
+    if J**L > 2_000_000:
         raise ValueError(f"brute force over {J}^{L} plans is too large")
     w = problem.weighted_errors
     if budget_bits_per_weight is not None:
@@ -486,6 +535,10 @@ def brute_force(problem: AllocationProblem, budget_bits_per_weight: float | None
     if not feasible.any():
         raise ValueError(f"no plan fits (capacity {capacity})")
     best = int(np.argmin(np.where(feasible, obj, np.inf)))
-    return _make_plan(problem, plans[best],
-                      None if budget_bits_per_weight is None else float(budget_bits_per_weight),
-                      "brute_force", None)
+    return _make_plan(
+        problem,
+        plans[best],
+        None if budget_bits_per_weight is None else float(budget_bits_per_weight),
+        "brute_force",
+        None,
+    )
