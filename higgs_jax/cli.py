@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import time
@@ -68,15 +67,11 @@ def spec_from_args(args):
 
 
 def rules_from_args(args, spec):
-    from higgs_jax.params import DEFAULT_RULES
+    from higgs_jax.params import EXCLUDE_EMBEDDINGS, Rule
 
-    excludes = args.exclude if args.exclude is not None else [DEFAULT_RULES[0][0]]
-    for rx in excludes + [args.include]:
-        try:
-            re.compile(rx)
-        except re.error as e:
-            raise ValueError(f"invalid regex {rx!r}: {e}") from None
-    return tuple((rx, None) for rx in excludes) + ((args.include, spec),)
+    excludes = ((EXCLUDE_EMBEDDINGS,) if args.exclude is None
+                else tuple(Rule(rx, None) for rx in args.exclude))
+    return excludes + (Rule(args.include, spec),)
 
 
 def _load_any(path: str):

@@ -30,21 +30,18 @@ from higgs_jax.quantize import expected_bits_per_weight, layer_key, quantize_wit
 
 _SPEC_TYPES = (HiggsConfig, RTNConfig, NF4Config)
 
-#: Default rules: embeddings and the LM head stay in full precision, every other 2-D `kernel` gets
-#: HIGGS 4-bit, p = 2, h = 512 (the HF integration's defaults).
-DEFAULT_RULES: tuple[tuple[str, QuantSpec | None], ...] = (
-    (r"(^|/)(embed|embed_tokens|embedding|wte|wpe|lm_head)(/|$)", None),
-    (r"(^|/)kernel$", HiggsConfig()),
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One path rule: leaves whose path matches `pattern` get `spec` (None = keep)."""
+    """One path rule: leaves whose path matches `pattern` get `spec` (None = keep).
+
+    A rule that matches no leaf is an error (it is almost always a typo), unless `required` is
+    False, as for the built-in exclusion of embeddings / lm_head, which some trees don't have.
+    """
 
     pattern: str
     spec: QuantSpec | None
     axis: int = 0
+    required: bool = True
 
     def __post_init__(self):
         try:
@@ -60,11 +57,26 @@ class Rule:
             raise ValueError(f"rule {self.pattern!r}: axis must be 0 or 1, got {self.axis!r}")
 
 
+#: Embeddings and LM heads stay in full precision (optional: not every tree has them).
+EXCLUDE_EMBEDDINGS = Rule(r"(^|/)(embed|embed_tokens|embedding|wte|wpe|lm_head)(/|$)", None,
+                          required=False)
+KERNEL_PATTERN = r"(^|/)kernel$"
+
+#: Default rules: embeddings and the LM head stay in full precision, every other 2-D `kernel` gets
+#: HIGGS 4-bit, p = 2, h = 512 (the HF integration's defaults).
+DEFAULT_RULES: tuple[Rule, ...] = (EXCLUDE_EMBEDDINGS, Rule(KERNEL_PATTERN, HiggsConfig()))
+
+
+def default_rules(spec: QuantSpec) -> tuple[Rule, ...]:
+    """Embeddings / lm_head kept, every other 2-D kernel quantized with `spec`."""
+    return (EXCLUDE_EMBEDDINGS, Rule(KERNEL_PATTERN, spec))
+
+
 def as_rules(rules) -> tuple[Rule, ...]:
     """Normalises rules given as Rule objects, (regex, spec) or (regex, spec, axis) tuples, or a
     single spec (applied with the default exclusions of embeddings / lm_head)."""
     if isinstance(rules, _SPEC_TYPES):
-        return (Rule(DEFAULT_RULES[0][0], None), Rule(DEFAULT_RULES[1][0], rules))
+        return default_rules(rules)
     if isinstance(rules, Rule):
         return (rules,)
     if not isinstance(rules, Sequence) or isinstance(rules, str):
@@ -159,7 +171,7 @@ def plan_quantization(params: Any, rules=DEFAULT_RULES) -> dict[str, LayerPlan]:
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         p = path_str(path)
         plans[p] = _leaf_plan(p, leaf, rules, hits)
-    unused = [f"{i}: {r.pattern!r}" for i, r in enumerate(rules) if hits[i] == 0]
+    unused = [f"{i}: {r.pattern!r}" for i, r in enumerate(rules) if hits[i] == 0 and r.required]
     if unused:
         raise ValueError(f"rules matched no parameter: {', '.join(unused)}")
     return plans

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from higgs_jax.config import HiggsConfig, NF4Config, QuantSpec, RTNConfig
-from higgs_jax.params import DEFAULT_RULES, quantize_params
+from higgs_jax.params import default_rules, quantize_params
 
 
 def default_model_dir() -> Path:
@@ -163,8 +163,7 @@ def run(
         if c.spec is None:
             qparams, bpw, model_bits = params, 32.0, 32.0 * n_params
         else:
-            rules = ((DEFAULT_RULES[0][0], None), (DEFAULT_RULES[1][0], c.spec))
-            qparams, report = quantize_params(params, rules, key=key)
+            qparams, report = quantize_params(params, default_rules(c.spec), key=key)
             bpw, model_bits = report.quantized_bits_per_weight, report.total_bits
         tq = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -60,7 +60,7 @@ def test_quantize_flax_safetensors_params(tmp_path):
         (["quantize", "--model", "{model}", "--out", "{tmp}/x", "--bits", "5"], "grid"),
         (["quantize", "--model", "{model}", "--out", "{tmp}/x", "--method", "nf4", "--bits", "3"],
          "NF4"),
-        (["quantize", "--model", "{model}", "--out", "{tmp}/x", "--hadamard-size", "100"], "100"),
+        (["quantize", "--model", "{model}", "--out", "{tmp}/x", "--hadamard-size", "172"], "172"),
         (["eval", "--model", "{model}", "--text", "/nonexistent.txt"], "does not exist"),
     ],
 )
