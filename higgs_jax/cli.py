@@ -21,6 +21,8 @@ Typical use:
   higgs-jax eval --model q4 --text wiki.test.txt --seqlen 2048
   higgs-jax generate --model q4 --prompt "Once upon a time"
   higgs-jax grids                                # the shipped Gaussian grids and their MSE
+  higgs-jax calibrate-alphas --model M --text calib.txt --out alphas.json
+  higgs-jax quantize --model M --out q --dynamic --bits 3.25 --alphas alphas.json
 """
 
 
@@ -48,6 +50,14 @@ def _add_quant_args(ap: argparse.ArgumentParser) -> None:
                         "(repeatable; default: embeddings and lm_head)")
     g.add_argument("--include", default=r"(^|/)kernel$", metavar="REGEX",
                    help="quantize 2-D parameters whose path matches REGEX (default: every kernel)")
+    d = ap.add_argument_group("dynamic bitwidths (linearity theorem + DP)")
+    d.add_argument("--dynamic", action="store_true",
+                   help="treat --bits as an average budget in bits/weight (scales included) and "
+                        "choose each layer's grid by the DP over calibrated alphas")
+    d.add_argument("--alphas", default=None, metavar="FILE",
+                   help="alpha table from `higgs-jax calibrate-alphas` (required with --dynamic)")
+    d.add_argument("--measure-errors", action="store_true",
+                   help="measure every layer's t^2 per option instead of the grid-MSE shortcut")
 
 
 def spec_from_args(args):
@@ -107,6 +117,25 @@ def _load_any(path: str):
     return params, config, (p.parent if p.is_file() else p), {}
 
 
+def _dynamic_plan(args, params, rules):
+    from higgs_jax.allocation import dynamic
+    from higgs_jax.allocation.calibrate import AlphaTable
+
+    if args.method != "higgs":
+        raise ValueError(f"--dynamic works with --method higgs, got {args.method}")
+    if not args.alphas:
+        raise ValueError("--dynamic needs --alphas FILE (make one with `higgs-jax calibrate-alphas`)")
+    alphas = AlphaTable.load(args.alphas)
+    options = dynamic.default_options(args.hadamard_size)
+    table = dynamic.error_table(params, options, rules=rules, measure=args.measure_errors,
+                                progress=True)
+    alphas.check_matches(table.layers)
+    sol = dynamic.solve_dynamic(table, alphas.as_dict(), args.bits)
+    print(f"DP plan: predicted dPPL {sol.predicted:.4f}, {sol.avg_bits:.3f} bits/weight "
+          f"(budget {args.bits})")
+    return dynamic.plan_from_choices(params, table, sol.choices, rules=rules), sol
+
+
 def cmd_quantize(args) -> int:
     import dataclasses
 
@@ -115,14 +144,26 @@ def cmd_quantize(args) -> int:
     from higgs_jax.checkpoints.orbax import save_params
     from higgs_jax.params import quantize_params
 
-    spec = spec_from_args(args)
+    if args.dynamic:
+        from higgs_jax.config import HiggsConfig
+
+        spec = HiggsConfig(bits=4, p=args.p, hadamard_size=args.hadamard_size)
+    else:
+        spec = spec_from_args(args)
     rules = rules_from_args(args, spec)
     params, config, tok_dir, _ = _load_any(args.model)
+    plan, sol = (None, None)
+    if args.dynamic:
+        plan, sol = _dynamic_plan(args, params, rules)
     t0 = time.perf_counter()
-    qparams, report = quantize_params(params, rules, key=jax.random.key(args.seed), progress=True)
+    qparams, report = quantize_params(params, rules, key=jax.random.key(args.seed), progress=True,
+                                      plan=plan)
     seconds = time.perf_counter() - t0
-    meta = {"source": str(args.model), "spec": spec.describe(), "report": report.summary(),
-            "quantize_seconds": seconds}
+    meta = {"source": str(args.model), "spec": f"dynamic {args.bits} bits" if args.dynamic
+            else spec.describe(), "report": report.summary(), "quantize_seconds": seconds}
+    if sol is not None:
+        meta["dynamic"] = {"budget": args.bits, "predicted_dppl": float(sol.predicted),
+                           "avg_bits": float(sol.avg_bits)}
     if config is not None:
         meta["model_config"] = dataclasses.asdict(config)
     out = save_params(args.out, qparams, metadata=meta)
@@ -177,6 +218,35 @@ def cmd_generate(args) -> int:
     out = generate(params, config, ids, args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, key=jax.random.key(args.seed))
     print(tok.decode(np.asarray(out).tolist()))
+    return 0
+
+
+def cmd_calibrate_alphas(args) -> int:
+    import jax
+
+    from higgs_jax.allocation.calibrate import calibrate_alphas
+    from higgs_jax.evaluate import perplexity, tokenize_text
+
+    params, config, tok = _model_for_inference(args.model)
+    text = Path(args.text)
+    if not text.is_file():
+        raise ValueError(f"text file {args.text} does not exist")
+    tokens = tokenize_text(tok, text.read_text(), bos_id=args.bos_id)
+
+    def ppl(p):
+        return perplexity(p, config, tokens, seqlen=args.seqlen, num_windows=args.windows,
+                          batch_size=args.windows, progress=False).ppl
+
+    t2 = tuple(float(t) for t in args.t2.split(","))
+    table = calibrate_alphas(params, ppl, t2_values=t2, mode=args.mode, seed=args.seed,
+                             progress=True)
+    table.meta.update({"model": args.model, "text": args.text, "seqlen": args.seqlen,
+                       "windows": args.windows, "jax": jax.__version__,
+                       "device": jax.devices()[0].device_kind})
+    table.save(args.out)
+    print(f"{len(table.layers)} alphas (base PPL {table.base_ppl:.4f}) written to {args.out}")
+    for name, a in sorted(zip(table.layers, table.alphas), key=lambda t: -t[1])[:10]:
+        print(f"  {a:10.4f}  {name}")
     return 0
 
 
@@ -251,6 +321,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--bos-id", type=int, default=None)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("calibrate-alphas", help="measure per-layer sensitivities alpha",
+                       description="Noise injection (linearity theorem): perturb one layer (or "
+                       "block) at a time with relative noise t^2, measure the perplexity increase "
+                       "on calibration text, fit dPPL = alpha * t^2. Use calibration text, not "
+                       "your evaluation split.")
+    c.add_argument("--model", required=True)
+    c.add_argument("--text", required=True, help="calibration text file")
+    c.add_argument("--out", required=True, help="output JSON")
+    c.add_argument("--seqlen", type=int, default=2048)
+    c.add_argument("--windows", type=int, default=4)
+    c.add_argument("--mode", choices=["layer", "block"], default="layer")
+    c.add_argument("--t2", default="0.00390625,0.0078125,0.015625",
+                   help="comma-separated relative noise powers (linear regime, <= 1/16)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--bos-id", type=int, default=None)
+    c.set_defaults(func=cmd_calibrate_alphas)
 
     r = sub.add_parser("grids", help="print the shipped grids with measured MSE and bits")
     r.add_argument("--samples", type=int, default=1 << 18, help="Monte-Carlo samples per grid")
