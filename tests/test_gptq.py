@@ -18,7 +18,7 @@ K, N, G = 128, 32, 32
 LLOYD4 = np.array([[-1.5104], [-0.4528], [0.4528], [1.5104]], np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kmeans_grid(n: int, p: int, seed: int = 0) -> np.ndarray:
     """A Lloyd (k-means) grid for N(0, I_p) built from samples (MSE-optimal-like)."""
     rng = np.random.default_rng(seed)
@@ -64,9 +64,13 @@ def make_sigma(kind: str, k: int = K, seed: int = 1) -> np.ndarray:
     return (x.T @ x).astype(np.float32)
 
 
-def make_problem(grid_name: str, sigma_kind: str, k: int = K, n: int = N, g: int = G, seed: int = 0):
+def make_problem(
+    grid_name: str, sigma_kind: str, k: int = K, n: int = N, g: int = G, seed: int = 0
+):
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((k, n)).astype(np.float32) * rng.uniform(0.5, 2.0, (1, n)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32) * rng.uniform(0.5, 2.0, (1, n)).astype(
+        np.float32
+    )
     grid = make_grid(grid_name)
     blocks = w.reshape(k // g, g, n)
     if grid_name == "int_p1":
@@ -88,12 +92,14 @@ def objective(codes, w, sigma, grid, scales, g):
     return float(hessian_objective(dequantize_codes(codes, grid, scales, g), w, sigma))
 
 
-def reference_gptq(w, sigma, grid, scales, g, damp=0.01):
+def reference_gptq(w, sigma, grid, scales, g, damp=0.01, assignment="euclidean"):
     """Textbook OBS/GPTQ in float64 without Cholesky or lazy batches: after fixing p-block B to q,
-    the remaining rows F move by -inv(H_F)[:, B] inv(inv(H_F)[B, B]) (W_B - q)."""
+    the remaining rows F move by -inv(H_F)[:, B] inv(inv(H_F)[B, B]) (W_B - q), which costs
+    (W_B - q)^T inv(inv(H_F)[B, B]) (W_B - q) (the "hessian" assignment minimises that)."""
     k, n = w.shape
     p = grid.shape[1]
     h = sigma.astype(np.float64).copy()
+    h[np.diag_indices(k)] += np.diag(h) == 0  # dead inputs -> 1, as GPTQ does
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     wc = w.astype(np.float64).copy()
     sr = np.repeat(scales, g, axis=0).astype(np.float64)
@@ -101,11 +107,12 @@ def reference_gptq(w, sigma, grid, scales, g, damp=0.01):
     gr = grid.astype(np.float64)
     for j in range(k // p):
         b = slice(j * p, (j + 1) * p)
-        v = (wc[b] / sr[b]).T  # (n, p)
-        c = np.argmin(((v[:, None, :] - gr[None]) ** 2).sum(-1), axis=1)
+        hinv = np.linalg.inv(h[j * p :, j * p :])
+        m = np.linalg.inv(hinv[:p, :p]) if assignment == "hessian" else np.eye(p)
+        d = wc[b].T[:, None, :] - gr[None] * sr[b].T[:, None, :]  # (N, n, p) = v - q
+        c = np.argmin(np.einsum("cnp,pq,cnq->cn", d, m, d), axis=1)
         codes[j] = c
         q = gr[c].T * sr[b]
-        hinv = np.linalg.inv(h[j * p :, j * p :])
         delta = -hinv[:, :p] @ np.linalg.solve(hinv[:p, :p], wc[b] - q)
         wc[j * p :] += delta
     return codes
@@ -127,20 +134,30 @@ def test_gptq_not_worse_than_rounding(sigma_kind, grid_name):
         assert obj < 0.95 * obj_rtn
 
 
-@pytest.mark.parametrize("grid_name", GRIDS)
+@pytest.mark.parametrize(
+    "grid_name,assignment", [(g, "hessian") for g in GRIDS] + [("kmeans16_p2", "euclidean")]
+)
 @pytest.mark.parametrize("scale", [1.0, 37.5])
-def test_gptq_identity_sigma_equals_rounding(grid_name, scale):
+def test_gptq_identity_sigma_equals_rounding(grid_name, scale, assignment):
     w, _, grid, scales = make_problem(grid_name, "outliers")
-    codes, _ = gptq_quantize(w, np.eye(K, dtype=np.float32) * scale, grid=grid, scales=scales, group_size=G)
+    sigma = np.eye(K, dtype=np.float32) * scale
+    codes, _ = gptq_quantize(
+        w, sigma, grid=grid, scales=scales, group_size=G, assignment=assignment
+    )
     np.testing.assert_array_equal(np.asarray(codes), np.asarray(rounding_codes(w, grid, scales, G)))
 
 
-@pytest.mark.parametrize("grid_name", ["lloyd4_p1", "kmeans16_p2"])
+@pytest.mark.parametrize(
+    "grid_name,assignment",
+    [("lloyd4_p1", "hessian"), ("kmeans16_p2", "euclidean"), ("kmeans16_p2", "hessian")],
+)
 @pytest.mark.parametrize("sigma_kind", ["outliers", "rank_deficient"])
-def test_gptq_matches_textbook_obs(sigma_kind, grid_name):
+def test_gptq_matches_textbook_obs(sigma_kind, grid_name, assignment):
     w, sigma, grid, scales = make_problem(grid_name, sigma_kind)
-    codes, _ = gptq_quantize(w, sigma, grid=grid, scales=scales, group_size=G)
-    ref = reference_gptq(w, sigma, grid, scales, G)
+    codes, _ = gptq_quantize(
+        w, sigma, grid=grid, scales=scales, group_size=G, assignment=assignment
+    )
+    ref = reference_gptq(w, sigma, grid, scales, G, assignment=assignment)
     # Identical up to rare float32 near-ties, which then change the path of the column.
     assert np.mean(np.asarray(codes) == ref) >= 0.99
 
@@ -149,7 +166,9 @@ def test_gptq_matches_textbook_obs(sigma_kind, grid_name):
 def test_gptq_lazy_block_size_invariance(grid_name):
     # K = 128 is not a multiple of 48: exercises the padded last lazy batch.
     w, sigma, grid, scales = make_problem(grid_name, "outliers")
-    c_small, i_small = gptq_quantize(w, sigma, grid=grid, scales=scales, group_size=G, block_size=48)
+    c_small, i_small = gptq_quantize(
+        w, sigma, grid=grid, scales=scales, group_size=G, block_size=48
+    )
     c_big, i_big = gptq_quantize(w, sigma, grid=grid, scales=scales, group_size=G)
     assert np.mean(np.asarray(c_small) == np.asarray(c_big)) >= 0.99
     np.testing.assert_allclose(float(i_small.objective), float(i_big.objective), rtol=1e-3)
@@ -164,7 +183,9 @@ def test_gptq_singular_sigma_is_dampened_and_reported():
     assert np.isfinite(float(info.objective))
     assert float(info.objective) <= float(info.rounding_objective)
     # Dead inputs do not interact with anything: they are plain nearest rounding.
-    np.testing.assert_array_equal(np.asarray(codes)[:3], np.asarray(rounding_codes(w, grid, scales, G))[:3])
+    np.testing.assert_array_equal(
+        np.asarray(codes)[:3], np.asarray(rounding_codes(w, grid, scales, G))[:3]
+    )
 
 
 def test_gptq_undampened_singular_sigma_raises():
@@ -184,7 +205,7 @@ def test_gptq_under_jit():
 
 def _bad(case):
     w, sigma, grid, scales = make_problem("kmeans16_p2", "outliers")
-    kw = dict(grid=grid, scales=scales, group_size=G)
+    kw = {"grid": grid, "scales": scales, "group_size": G}
     if case == "sigma_shape":
         return (w, sigma[:-1, :-1]), kw, r"\(127, 127\)"
     if case == "w_1d":
@@ -198,13 +219,19 @@ def _bad(case):
         return (w, sigma), {**kw, "grid": g3}, "p=3"
     if case == "p_not_dividing_group":
         w2, s2 = w[:126], sigma[:126, :126]
-        return (w2, s2), {**kw, "group_size": 21, "scales": np.ones((6, N), np.float32)}, "group_size=21"
+        return (
+            (w2, s2),
+            {**kw, "group_size": 21, "scales": np.ones((6, N), np.float32)},
+            "group_size=21",
+        )
     if case == "group_not_dividing_k":
         return (w, sigma), {**kw, "group_size": 48}, "group_size=48"
     if case == "damp_negative":
         return (w, sigma), {**kw, "damp": -0.1}, r"-0\.1"
     if case == "damp_nan":
         return (w, sigma), {**kw, "damp": float("nan")}, "nan"
+    if case == "assignment":
+        return (w, sigma), {**kw, "assignment": "nearest"}, "'nearest'"
     if case == "block_not_multiple_of_p":
         return (w, sigma), {**kw, "block_size": 33}, "block_size=33"
     if case == "nonfinite_w":
@@ -217,8 +244,18 @@ def _bad(case):
 @pytest.mark.parametrize(
     "case",
     [
-        "sigma_shape", "w_1d", "scales_shape", "grid_1d", "p_not_dividing_k", "p_not_dividing_group",
-        "group_not_dividing_k", "damp_negative", "damp_nan", "block_not_multiple_of_p", "nonfinite_w",
+        "sigma_shape",
+        "w_1d",
+        "scales_shape",
+        "grid_1d",
+        "p_not_dividing_k",
+        "p_not_dividing_group",
+        "group_not_dividing_k",
+        "damp_negative",
+        "damp_nan",
+        "block_not_multiple_of_p",
+        "nonfinite_w",
+        "assignment",
     ],
 )
 def test_gptq_bad_input(case):

@@ -5,7 +5,13 @@ domain (the caller rotates both with the same block Hadamard for HIGGS, or leave
 RTN/NF4 scalar grids) and return grid codes ``(K/p, N)`` in the `HiggsTensor` layout.
 """
 
-from higgs_jax.datawise.gptq import GPTQInfo, dequantize_codes, gptq_quantize, hessian_objective, nearest_grid_code
+from higgs_jax.datawise.gptq import (
+    GPTQInfo,
+    dequantize_codes,
+    gptq_quantize,
+    hessian_objective,
+    nearest_grid_code,
+)
 from higgs_jax.datawise.quantease import QuantEaseInfo, quantease_quantize
 
 __all__ = [

@@ -14,9 +14,14 @@ GPTQ in this convention (rows of the Flax kernel are what torch GPTQ calls colum
 ``U`` the upper Cholesky factor of the inverse of the dampened Sigma (``inv(Sigma_d) = U^T U``),
 processing row i with a fixed quantized value q_i, the optimal update of the not yet quantized rows
 is ``W[i+1:] -= U[i, i+1:]^T (W[i] - q_i) / U[i, i]``. Rows are processed in steps of p: the p-vector
-of every column is projected once onto the grid (Euclidean nearest point after dividing by the
-fixed scale) and its p rows' errors are then propagated one after the other, which is the exact
-optimal (OBS) update for the whole p-block with those fixed values. Updates within a lazy batch of
+v of every column is assigned one grid point q = s * g_m (s the fixed scale) and its p rows' errors
+are then propagated one after the other, which is the exact optimal (OBS) update for the whole
+p-block with those fixed values. The assignment (``assignment=``) is either the Euclidean nearest
+point of v / s, or (default, "hessian") the point minimising the loss increase that OBS leaves
+after the update, ``(v - q)^T M (v - q)`` with ``M = inv(inv(Sigma_F)[B, B]) = inv(U_BB^T U_BB)``
+(a p x p inverse per step; F = rows not yet quantized, B = this block). For p = 1 both are the same
+rounding; for p > 1 the Hessian-weighted choice measured 0.40 vs 0.90 of the rounding objective on
+the outlier-channel problem of tests/test_gptq.py (kmeans16 p = 2 grid; 0.19 vs 0.82 with 64 points). Updates within a lazy batch of
 ``block_size`` rows are applied immediately; those to later rows once per batch (one matmul).
 
 Everything is float32 with HIGHEST matmul precision (CPU/GPU alike).
@@ -69,7 +74,9 @@ def nearest_grid_code(v: jax.Array, grid: jax.Array) -> jax.Array:
     return jnp.argmax(score, axis=-1).astype(jnp.int32)
 
 
-def dequantize_codes(codes: jax.Array, grid: jax.Array, scales: jax.Array, group_size: int) -> jax.Array:
+def dequantize_codes(
+    codes: jax.Array, grid: jax.Array, scales: jax.Array, group_size: int
+) -> jax.Array:
     """``W_hat (K, N)`` from codes ``(K/p, N)``, grid ``(n, p)`` and scales ``(K/g, N)``."""
     grid = jnp.asarray(grid, jnp.float32)
     kc, n_cols = codes.shape
@@ -95,11 +102,19 @@ def _validate_problem(w, sigma, grid, scales, group_size) -> tuple[int, int, int
         raise ValueError(f"w must be a 2-D (K, N) kernel, got shape {getattr(w, 'shape', None)}")
     k, n_cols = w.shape
     if getattr(sigma, "shape", None) != (k, k):
-        raise ValueError(f"sigma must have shape (K, K) = {(k, k)} for w of shape {w.shape}, got {getattr(sigma, 'shape', None)}")
+        raise ValueError(
+            f"sigma must have shape (K, K) = {(k, k)} for w of shape {w.shape}, got {getattr(sigma, 'shape', None)}"
+        )
     if getattr(grid, "ndim", None) != 2 or grid.shape[0] < 1 or grid.shape[1] < 1:
-        raise ValueError(f"grid must be a 2-D (n, p) array of points, got shape {getattr(grid, 'shape', None)}")
+        raise ValueError(
+            f"grid must be a 2-D (n, p) array of points, got shape {getattr(grid, 'shape', None)}"
+        )
     n, p = grid.shape
-    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size < 1:
+    if (
+        not isinstance(group_size, (int, np.integer))
+        or isinstance(group_size, bool)
+        or group_size < 1
+    ):
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
     if k % p:
         raise ValueError(f"grid dimension p={p} does not divide K={k}")
@@ -151,8 +166,8 @@ class GPTQInfo:
     rounding_objective: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("p", "group_size", "block"))
-def _gptq_core(w, sigma, grid, scales, damp, *, p, group_size, block):
+@functools.partial(jax.jit, static_argnames=("p", "group_size", "block", "hessian_assignment"))
+def _gptq_core(w, sigma, grid, scales, damp, *, p, group_size, block, hessian_assignment):
     k, n_cols = w.shape
     w = w.astype(jnp.float32)
     sigma_in = sigma.astype(jnp.float32)
@@ -193,7 +208,19 @@ def _gptq_core(w, sigma, grid, scales, damp, *, p, group_size, block):
             v = lax.dynamic_slice(wb, (r0, 0), (p, n_cols))
             s = lax.dynamic_slice(sb, (r0, 0), (1, n_cols))[0]
             safe = jnp.where(s == 0, 1.0, s)
-            code = nearest_grid_code((v / safe).T, grid)  # (N,)
+            if hessian_assignment and p > 1:
+                # Cost of fixing the block to q after the optimal update of later rows:
+                # (v - q)^T M (v - q), M = inv(U_BB^T U_BB) = inv(inv(Sigma_F)[B, B]).
+                ubb = lax.dynamic_slice(ub, (r0, r0), (p, p))
+                m = jnp.linalg.inv(_mm(ubb.T, ubb))
+                m = 0.5 * (m + m.T)
+                gm = _mm(grid, m)  # (n, p)
+                score = (s * s)[None, :] * jnp.sum(gm * grid, 1)[:, None] - 2.0 * s[None, :] * _mm(
+                    gm, v
+                )
+                code = jnp.argmin(score, axis=0).astype(jnp.int32)
+            else:
+                code = nearest_grid_code((v / safe).T, grid)  # (N,)
             q = grid[code].T * s  # (p, N)
             for i in range(p):
                 row = r0 + i
@@ -205,7 +232,11 @@ def _gptq_core(w, sigma, grid, scales, damp, *, p, group_size, block):
             cb = lax.dynamic_update_slice(cb, code[None], (t, 0))
             return wb, err, cb
 
-        init = (wb, jnp.zeros((block, n_cols), jnp.float32), jnp.zeros((block // p, n_cols), jnp.int32))
+        init = (
+            wb,
+            jnp.zeros((block, n_cols), jnp.float32),
+            jnp.zeros((block // p, n_cols), jnp.int32),
+        )
         _, err, cb = lax.fori_loop(0, block // p, step, init)
         # Lazy update of all later rows; rows < i2 are finished and never read again.
         wcur = wcur - _mm(lax.dynamic_slice(u, (i1, 0), (block, kp)).T, err)
@@ -218,7 +249,9 @@ def _gptq_core(w, sigma, grid, scales, damp, *, p, group_size, block):
 
     w0 = w[:k]
     safe_rows = jnp.where(scale_rows[:k] == 0, 1.0, scale_rows[:k])
-    rtn_codes = nearest_grid_code((w0 / safe_rows).reshape(k // p, p, n_cols).transpose(0, 2, 1), grid)
+    rtn_codes = nearest_grid_code(
+        (w0 / safe_rows).reshape(k // p, p, n_cols).transpose(0, 2, 1), grid
+    )
     obj = hessian_objective(dequantize_codes(codes, grid, scales, group_size), w0, sigma_in)
     obj_rtn = hessian_objective(dequantize_codes(rtn_codes, grid, scales, group_size), w0, sigma_in)
     finite = jnp.all(jnp.isfinite(u[:k, :k]))
@@ -234,6 +267,7 @@ def gptq_quantize(
     group_size: int,
     damp: float = 0.01,
     block_size: int = 128,
+    assignment: str = "hessian",
 ) -> tuple[jax.Array, GPTQInfo]:
     """GPTQ with a fixed grid quantizer and fixed scales.
 
@@ -244,7 +278,11 @@ def gptq_quantize(
       scales: ``(K / group_size, N)`` fixed scales.
       group_size: rows per scale group; a multiple of p dividing K.
       damp: relative dampening, ``damp * mean(diag Sigma)`` is added to the diagonal.
-      block_size: lazy batch size in rows (rounded up to a multiple of p, capped at K rounded up).
+      block_size: lazy batch size in rows (a multiple of p; capped at K rounded up to p; K is padded
+        internally to a multiple of it with decoupled rows).
+      assignment: "hessian" (default) picks each p-vector's grid point by the OBS loss
+        (v - q)^T inv(inv(Sigma_F)[B, B]) (v - q); "euclidean" by plain nearest rounding of v / s.
+        Identical for p = 1.
 
     Returns:
       ``(codes, info)``: int32 codes ``(K / p, N)`` and a `GPTQInfo`.
@@ -255,16 +293,34 @@ def gptq_quantize(
     """
     _, _, _, p = _validate_problem(w, sigma, grid, scales, group_size)
     k = w.shape[0]
-    if not isinstance(damp, (int, float, np.floating, np.integer)) or isinstance(damp, bool) or not math.isfinite(damp) or damp < 0:
+    if (
+        not isinstance(damp, (int, float, np.floating, np.integer))
+        or isinstance(damp, bool)
+        or not math.isfinite(damp)
+        or damp < 0
+    ):
         raise ValueError(f"damp must be a finite non-negative float, got {damp!r}")
-    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 1:
+    if (
+        not isinstance(block_size, (int, np.integer))
+        or isinstance(block_size, bool)
+        or block_size < 1
+    ):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if block_size % p:
         raise ValueError(f"block_size={block_size} must be a multiple of the grid dimension p={p}")
+    if assignment not in ("hessian", "euclidean"):
+        raise ValueError(f"assignment must be 'hessian' or 'euclidean', got {assignment!r}")
     block = min(int(block_size), -(-k // p) * p)
     codes, damp_added, n_dead, obj, obj_rtn, finite = _gptq_core(
-        jnp.asarray(w), jnp.asarray(sigma), jnp.asarray(grid), jnp.asarray(scales), jnp.float32(damp),
-        p=p, group_size=int(group_size), block=block,
+        jnp.asarray(w),
+        jnp.asarray(sigma),
+        jnp.asarray(grid),
+        jnp.asarray(scales),
+        jnp.float32(damp),
+        p=p,
+        group_size=int(group_size),
+        block=block,
+        hessian_assignment=assignment == "hessian",
     )
     if _is_concrete(codes) and not (bool(finite) and bool(jnp.isfinite(obj))):
         d = np.asarray(jnp.diagonal(jnp.asarray(sigma, jnp.float32)))
@@ -274,7 +330,11 @@ def gptq_quantize(
             "or check Sigma for negative eigenvalues"
         )
     info = GPTQInfo(
-        damp=float(damp), block_size=block, damp_added=damp_added,
-        num_dead_inputs=n_dead, objective=obj, rounding_objective=obj_rtn,
+        damp=float(damp),
+        block_size=block,
+        damp_added=damp_added,
+        num_dead_inputs=n_dead,
+        objective=obj,
+        rounding_objective=obj_rtn,
     )
     return codes, info

@@ -43,7 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from higgs_jax.datawise.gptq import _is_concrete, _mm, _validate_problem, dequantize_codes, nearest_grid_code
+from higgs_jax.datawise.gptq import (
+    _is_concrete,
+    _mm,
+    _validate_problem,
+    dequantize_codes,
+    nearest_grid_code,
+)
 
 __all__ = ["QuantEaseInfo", "quantease_quantize"]
 
@@ -146,9 +152,23 @@ def _hard_threshold(x, k):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("p", "group_size", "num_sweeps", "num_outliers", "outlier_iters", "iht_steps")
+    jax.jit,
+    static_argnames=("p", "group_size", "num_sweeps", "num_outliers", "outlier_iters", "iht_steps"),
 )
-def _quantease_core(w, sigma, grid, scales, codes, *, p, group_size, num_sweeps, num_outliers, outlier_iters, iht_steps):
+def _quantease_core(
+    w,
+    sigma,
+    grid,
+    scales,
+    codes,
+    *,
+    p,
+    group_size,
+    num_sweeps,
+    num_outliers,
+    outlier_iters,
+    iht_steps,
+):
     w = w.astype(jnp.float32)
     sigma = 0.5 * (sigma.astype(jnp.float32) + sigma.astype(jnp.float32).T)
     grid = grid.astype(jnp.float32)
@@ -162,7 +182,8 @@ def _quantease_core(w, sigma, grid, scales, codes, *, p, group_size, num_sweeps,
     n_hist = 1 + num_sweeps + 2 * outlier_iters
     hist = jnp.zeros((n_hist,), jnp.float32)
     chg = jnp.zeros((num_sweeps + outlier_iters,), jnp.int32)
-    codes, hist, chg = lax.fori_loop(0, num_sweeps, plain, (codes, hist, chg))
+    if num_sweeps:  # (a zero-trip fori_loop still traces its body, which would index empty arrays)
+        codes, hist, chg = lax.fori_loop(0, num_sweeps, plain, (codes, hist, chg))
     f_plain = _objective(w, sigma, grid, scale_rows, codes)
     hist = hist.at[num_sweeps].set(f_plain)
     if num_outliers == 0:
@@ -177,10 +198,16 @@ def _quantease_core(w, sigma, grid, scales, codes, *, p, group_size, num_sweeps,
         pe_new = _mm(sigma, e_new)
         f_new = jnp.sum(e_new * pe_new)
         ok = f_new <= f
-        pick = lambda a, b: jnp.where(ok, a, b)  # noqa: E731
+        pick = lambda a, b: jnp.where(ok, a, b)
         # Grow lambda only on a real increase, not on a float-rounding tie near convergence.
         grow = f_new > f * (1.0 + 1e-5)
-        return pick(cand, s_mat), pick(e_new, e), pick(pe_new, pe), pick(f_new, f), jnp.where(grow, 2.0 * lam, lam)
+        return (
+            pick(cand, s_mat),
+            pick(e_new, e),
+            pick(pe_new, pe),
+            pick(f_new, f),
+            jnp.where(grow, 2.0 * lam, lam),
+        )
 
     def round_body(i, c):
         codes, s_mat, lam, hist, chg = c
@@ -195,7 +222,9 @@ def _quantease_core(w, sigma, grid, scales, codes, *, p, group_size, num_sweeps,
         return codes, s_mat, lam, hist, chg.at[num_sweeps + i].set(ch)
 
     s0 = jnp.zeros_like(w)
-    codes, s_mat, lam, hist, chg = lax.fori_loop(0, outlier_iters, round_body, (codes, s0, lam0, hist, chg))
+    codes, s_mat, lam, hist, chg = lax.fori_loop(
+        0, outlier_iters, round_body, (codes, s0, lam0, hist, chg)
+    )
     # The final S keeps exactly num_outliers positions (top-k of |S|: S is k-sparse already, so
     # ties only occur among zeros, which are legitimate zero-valued outliers).
     _, idx = lax.top_k(jnp.abs(s_mat.reshape(-1)), num_outliers)
@@ -261,20 +290,28 @@ def quantease_quantize(
             or not math.isfinite(outlier_fraction)
             or not 0.0 < outlier_fraction < 0.5
         ):
-            raise ValueError(f"outlier_fraction must be a number in (0, 0.5), got {outlier_fraction!r}")
-        num_outliers = int(round(outlier_fraction * k * n_cols))
+            raise ValueError(
+                f"outlier_fraction must be a number in (0, 0.5), got {outlier_fraction!r}"
+            )
+        num_outliers = round(outlier_fraction * k * n_cols)
     w = jnp.asarray(w, jnp.float32)
     grid = jnp.asarray(grid, jnp.float32)
     scales = jnp.asarray(scales, jnp.float32)
     if init_codes is None:
         scale_rows = jnp.repeat(scales, group_size, axis=0)
         safe = jnp.where(scale_rows == 0, 1.0, scale_rows)
-        init_codes = nearest_grid_code((w / safe).reshape(k // p, p, n_cols).transpose(0, 2, 1), grid)
+        init_codes = nearest_grid_code(
+            (w / safe).reshape(k // p, p, n_cols).transpose(0, 2, 1), grid
+        )
     else:
         if getattr(init_codes, "shape", None) != (k // p, n_cols):
-            raise ValueError(f"init_codes must have shape (K/p, N) = {(k // p, n_cols)}, got {getattr(init_codes, 'shape', None)}")
+            raise ValueError(
+                f"init_codes must have shape (K/p, N) = {(k // p, n_cols)}, got {getattr(init_codes, 'shape', None)}"
+            )
         if not jnp.issubdtype(jnp.asarray(init_codes).dtype, jnp.integer):
-            raise ValueError(f"init_codes must be integers, got dtype {jnp.asarray(init_codes).dtype}")
+            raise ValueError(
+                f"init_codes must be integers, got dtype {jnp.asarray(init_codes).dtype}"
+            )
         if _is_concrete(init_codes):
             lo, hi = int(jnp.min(init_codes)), int(jnp.max(init_codes))
             if lo < 0 or hi >= n:
@@ -282,9 +319,17 @@ def quantease_quantize(
         init_codes = jnp.asarray(init_codes, jnp.int32)
     n_iters = outlier_iters if num_outliers else 0
     codes, outliers, hist, chg, lam = _quantease_core(
-        w, jnp.asarray(sigma), grid, scales, init_codes,
-        p=p, group_size=int(group_size), num_sweeps=int(num_sweeps), num_outliers=num_outliers,
-        outlier_iters=n_iters, iht_steps=int(iht_steps) if num_outliers else 0,
+        w,
+        jnp.asarray(sigma),
+        grid,
+        scales,
+        init_codes,
+        p=p,
+        group_size=int(group_size),
+        num_sweeps=int(num_sweeps),
+        num_outliers=num_outliers,
+        outlier_iters=n_iters,
+        iht_steps=int(iht_steps) if num_outliers else 0,
     )
     if outlier_fraction is not None and num_outliers == 0:
         outliers = (jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32))
@@ -296,8 +341,14 @@ def quantease_quantize(
         history = changed = None
     # hist[0] is the warm start's objective, except with num_sweeps == 0 where it is f after 0 sweeps.
     info = QuantEaseInfo(
-        num_sweeps=int(num_sweeps), outlier_iters=n_iters, iht_steps=int(iht_steps) if num_outliers else 0,
-        num_outliers=num_outliers, initial_objective=hist[0], objective=last,
-        history=history, changed=changed, outlier_lambda=lam,
+        num_sweeps=int(num_sweeps),
+        outlier_iters=n_iters,
+        iht_steps=int(iht_steps) if num_outliers else 0,
+        num_outliers=num_outliers,
+        initial_objective=hist[0],
+        objective=last,
+        history=history,
+        changed=changed,
+        outlier_lambda=lam,
     )
     return codes, outliers, info
