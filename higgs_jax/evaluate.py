@@ -64,12 +64,16 @@ def _batch_nll(params: Params, tokens: jax.Array, forward_fn: Callable) -> jax.A
     return window_nll(forward_fn(params, tokens), tokens)
 
 
-def _default_forward(config: LlamaConfig, dtype: Any) -> Callable:
-    return functools.partial(_forward_logits, config=config, dtype=dtype)
+@dataclasses.dataclass(frozen=True)
+class _ForwardLogits:
+    """Hashable ``(params, tokens) -> logits`` for the Llama `forward` (equal configs share a
+    jit cache entry, unlike a fresh `functools.partial` per call)."""
 
+    config: LlamaConfig
+    dtype: Any
 
-def _forward_logits(params: Params, tokens: jax.Array, *, config: LlamaConfig, dtype: Any):
-    return forward(params, tokens, config, dtype=dtype)[0]
+    def __call__(self, params: Params, tokens: jax.Array) -> jax.Array:
+        return forward(params, tokens, self.config, dtype=self.dtype)[0]
 
 
 def perplexity(
@@ -131,7 +135,7 @@ def perplexity(
             f"token ids must be in [0, {config.vocab_size}), got range "
             f"[{int(tokens.min())}, {int(tokens.max())}]"
         )
-    fwd = forward_fn if forward_fn is not None else _default_forward(config, dtype)
+    fwd = forward_fn if forward_fn is not None else _ForwardLogits(config, jnp.dtype(dtype))
     windows = tokens[: num_windows * seqlen].reshape(num_windows, seqlen).astype(np.int32)
     total = 0.0
     bar = tqdm(total=num_windows, desc=f"ppl seqlen={seqlen}", disable=not progress, unit="win")

@@ -38,6 +38,10 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     return f.contents()
 
 
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
 def gguf_config(reader: gguf.GGUFReader) -> LlamaConfig:
     """Builds a `LlamaConfig` from GGUF metadata (``{arch}.*`` keys)."""
     arch = _field(reader, "general.architecture")
@@ -91,6 +95,8 @@ def gguf_config(reader: gguf.GGUFReader) -> LlamaConfig:
         attention_out_bias="blk.0.attn_output.bias" in names,
         mlp_bias="blk.0.ffn_up.bias" in names,
         rope_scaling=rope_scaling,
+        bos_token_id=_opt_int(_field(reader, "tokenizer.ggml.bos_token_id")),
+        eos_token_id=_opt_int(_field(reader, "tokenizer.ggml.eos_token_id")),
     )
 
 

@@ -28,6 +28,7 @@ rope(x) = x * cos + [-x2, x1] * sin with angles pos * theta^(-2i/hd), i < hd/2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -92,8 +93,16 @@ class LlamaConfig:
     attention_out_bias: bool = False
     mlp_bias: bool = False
     rope_scaling: RopeScaling | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        # Accept the plain-dict / list forms `dataclasses.asdict` + JSON produce, so that
+        # `LlamaConfig(**json.loads(...))` round-trips and the config stays hashable.
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         for name in (
             "vocab_size",
             "hidden_size",
@@ -199,6 +208,8 @@ class LlamaConfig:
             attention_out_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             rope_scaling=rope_scaling,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
         )
 
 
@@ -246,24 +257,30 @@ def random_params(config: LlamaConfig, key: jax.Array, dtype: Any = jnp.float32)
     """Random params for tests and benchmarks.
 
     Kernels ~ N(0, 1/in_dim), embeddings ~ N(0, 1), biases ~ N(0, 0.1^2), norm scales ~ 1 + N(0, 0.1^2).
-    Every leaf draws from ``fold_in(key, leaf_index)`` so results do not depend on traversal order
-    beyond the (sorted) tree structure.
+    Deterministic in ``key`` (one draw, split over the leaves in sorted-path order); jit-compiled
+    once per (config, dtype).
     """
+    return _random_params_jit(config, key, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _random_params_jit(config: LlamaConfig, key: jax.Array, dtype: Any) -> Params:
+    # One normal draw sliced into leaves: a single RNG op compiles far faster than one per leaf.
     shapes = param_shapes(config, dtype)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    out = []
-    for i, (path, s) in enumerate(leaves):
-        k = jax.random.fold_in(key, i)
+    sizes = [math.prod(s.shape) for _, s in leaves]
+    z = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    out, offset = [], 0
+    for (path, s), size in zip(leaves, sizes):
+        v = z[offset : offset + size].reshape(s.shape)
+        offset += size
         name = path[-1].key
-        z = jax.random.normal(k, s.shape, jnp.float32)
         if name == "kernel":
-            v = z / math.sqrt(s.shape[0])
+            v = v / math.sqrt(s.shape[0])
         elif name == "bias":
-            v = 0.1 * z
+            v = 0.1 * v
         elif name == "scale":
-            v = 1.0 + 0.1 * z
-        else:
-            v = z
+            v = 1.0 + 0.1 * v
         out.append(v.astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -434,30 +451,30 @@ def forward(
 
 
 def _sample(
-    logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None
+    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, greedy: bool
 ) -> jax.Array:
-    """Next token ids (B,) from float32 logits (B, V)."""
-    if temperature == 0.0:
+    """Next token ids (B,) from float32 logits (B, V); temperature and top_k are traced."""
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    V = logits.shape[-1]
+    kth = jax.lax.dynamic_index_in_dim(jnp.sort(logits, axis=-1), V - top_k, axis=-1)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _generate_impl(params, prompt, key, config, max_new_tokens, temperature, top_k, dtype):
+def _generate_impl(params, prompt, key, temperature, top_k, config, max_new_tokens, greedy, dtype):
     B, P = prompt.shape
     cache = init_cache(config, B, P + max_new_tokens, dtype)
     logits, cache = forward(params, prompt, config, cache=cache, dtype=dtype)
-    first = _sample(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k)
+    first = _sample(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k, greedy)
     out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
 
     def step(i, carry):
         out, cache = carry
         tok = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
         logits, cache = forward(params, tok, config, cache=cache, dtype=dtype)
-        nxt = _sample(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k)
+        nxt = _sample(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k, greedy)
         return out.at[:, i].set(nxt), cache
 
     out, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, cache))
@@ -465,8 +482,7 @@ def _generate_impl(params, prompt, key, config, max_new_tokens, temperature, top
 
 
 _generate_jit = jax.jit(
-    _generate_impl,
-    static_argnames=("config", "max_new_tokens", "temperature", "top_k", "dtype"),
+    _generate_impl, static_argnames=("config", "max_new_tokens", "greedy", "dtype")
 )
 
 
@@ -520,6 +536,14 @@ def generate(
     if key is None:
         key = jax.random.key(0)
     out = _generate_jit(
-        params, prompt, key, config, int(max_new_tokens), float(temperature), top_k, dtype
+        params,
+        prompt,
+        key,
+        jnp.float32(max(temperature, 1e-6)),
+        jnp.int32(config.vocab_size if top_k is None else top_k),
+        config=config,
+        max_new_tokens=int(max_new_tokens),
+        greedy=temperature == 0.0,
+        dtype=jnp.dtype(dtype),
     )
     return out[0] if squeeze else out
