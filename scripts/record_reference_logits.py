@@ -22,7 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "stories260k_logits.npz")
+    ap.add_argument(
+        "--out", type=Path, default=REPO / "tests" / "fixtures" / "stories260k_logits.npz"
+    )
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=64)
     args = ap.parse_args()
@@ -52,8 +54,10 @@ def main() -> None:
         torch_version=np.asarray(torch.__version__),
         transformers_version=np.asarray(transformers.__version__),
     )
-    print(f"wrote {args.out}: tokens {tokens.shape}, logits {logits.shape}, "
-          f"{args.out.stat().st_size / 1024:.1f} KiB")
+    print(
+        f"wrote {args.out}: tokens {tokens.shape}, logits {logits.shape}, "
+        f"{args.out.stat().st_size / 1024:.1f} KiB"
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -147,8 +146,11 @@ def test_hf_bad_tensors_raise_naming_them(tmp_path, params, kind):
 
 
 def test_hf_unsupported_architecture(tmp_path, params):
-    d = _write_hf(tmp_path, _hf_tensors(params, CFG),
-                  dict(HF_CONFIG, architectures=["FalconForCausalLM"], model_type="falcon"))
+    d = _write_hf(
+        tmp_path,
+        _hf_tensors(params, CFG),
+        dict(HF_CONFIG, architectures=["FalconForCausalLM"], model_type="falcon"),
+    )
     with pytest.raises(ValueError, match="FalconForCausalLM"):
         load_hf(d)
 
@@ -166,7 +168,9 @@ def test_load_checkpoint_rejects_non_checkpoints(tmp_path, what):
 
 
 def test_tokenizer_matches_stories_vocab(shared_data):
-    cfg = LlamaConfig.from_hf_dict(json.loads((shared_data / "stories260k/config.json").read_text()))
+    cfg = LlamaConfig.from_hf_dict(
+        json.loads((shared_data / "stories260k/config.json").read_text())
+    )
     tok = load_tokenizer(shared_data / "stories260k", cfg)
     ids = tok.encode("Once upon a time", add_special_tokens=False).ids
     assert max(ids) < cfg.vocab_size
@@ -189,8 +193,10 @@ def test_tokenizer_missing_file_raises(tmp_path):
 def _permute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     """llama.cpp's converter: within each head, HF row s*hd/2 + j goes to row 2j + s."""
     d_out = w.shape[0]
-    return w.reshape(num_heads, 2, d_out // num_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape
+    return (
+        w.reshape(num_heads, 2, d_out // num_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
     )
 
 
@@ -201,8 +207,9 @@ def test_unpermute_qk_inverts_llama_cpp_permutation():
     np.testing.assert_array_equal(_permute_qk(w, 4)[:2], w[[0, 4]])
 
 
-def _write_gguf(path: Path, params, config: LlamaConfig, *, drop: str | None = None,
-                q8_kernels: bool = False) -> Path:
+def _write_gguf(
+    path: Path, params, config: LlamaConfig, *, drop: str | None = None, q8_kernels: bool = False
+) -> Path:
     import gguf
 
     from higgs_jax.checkpoints.gguf import _gguf_name

@@ -46,8 +46,9 @@ def tinystories_ids(stories, shared_data):
 def test_stories260k_reference_perplexity(stories, tinystories_ids):
     """Data README: stories260k, TinyStories, seqlen 512, first 40 windows -> 4.0677."""
     params, config, _ = stories
-    res = perplexity(params, config, tinystories_ids, seqlen=512, num_windows=40, batch_size=8,
-                     progress=False)
+    res = perplexity(
+        params, config, tinystories_ids, seqlen=512, num_windows=40, batch_size=8, progress=False
+    )
     assert res.num_windows == 40 and res.num_tokens == 40 * 511
     assert res.ppl == pytest.approx(4.0677, rel=1e-3)
     assert res.nll_mean == pytest.approx(math.log(res.ppl))
@@ -78,8 +79,9 @@ def test_uniform_model_has_perplexity_equal_to_vocab_size():
 def test_perplexity_matches_direct_computation_for_any_batch_size(batch_size):
     params = random_params(TINY, jax.random.key(0))
     toks = np.asarray(jax.random.randint(jax.random.key(1), (90,), 0, TINY.vocab_size), np.int32)
-    res = perplexity(params, TINY, toks, seqlen=16, num_windows=5, batch_size=batch_size,
-                     progress=False)
+    res = perplexity(
+        params, TINY, toks, seqlen=16, num_windows=5, batch_size=batch_size, progress=False
+    )
     windows = toks[:80].reshape(5, 16)
     logits = np.asarray(forward(params, jnp.asarray(windows), TINY)[0], np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))

@@ -34,7 +34,11 @@ SMALL = LlamaConfig(
     max_position_embeddings=64,
 )
 ALLBIAS = dataclasses.replace(
-    SMALL, num_kv_heads=4, attention_bias=True, attention_out_bias=True, mlp_bias=True,
+    SMALL,
+    num_kv_heads=4,
+    attention_bias=True,
+    attention_out_bias=True,
+    mlp_bias=True,
     tie_word_embeddings=True,
 )
 # Two configs cover: GQA (G=2) vs MHA, untied vs tied lm_head, no biases vs every bias.
@@ -174,8 +178,9 @@ def test_bf16_compute_close_to_f32():
     params = random_params(SMALL, jax.random.key(6))
     toks = _tokens(SMALL, (2, T))
     f32, _ = fwd(params, toks, SMALL)
-    bf16, _ = fwd(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), toks, SMALL,
-                      dtype=jnp.bfloat16)
+    bf16, _ = fwd(
+        jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), toks, SMALL, dtype=jnp.bfloat16
+    )
     assert bf16.dtype == jnp.float32
     rel = jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32)
     assert float(rel) < 5e-2
@@ -299,16 +304,27 @@ def _hf(**overrides):
 def test_from_hf_dict_reads_stories_config(shared_data):
     import json
 
-    cfg = LlamaConfig.from_hf_dict(json.loads((shared_data / "stories260k/config.json").read_text()))
+    cfg = LlamaConfig.from_hf_dict(
+        json.loads((shared_data / "stories260k/config.json").read_text())
+    )
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
-        64, 5, 8, 4, 8)
+        64,
+        5,
+        8,
+        4,
+        8,
+    )
     assert cfg.tie_word_embeddings and cfg.rope_theta == 10000.0
 
 
 def test_from_hf_dict_qwen2_biases_and_default_head_dim():
     cfg = LlamaConfig.from_hf_dict(
-        _hf(architectures=["Qwen2ForCausalLM"], model_type="qwen2", sliding_window=4096,
-            use_sliding_window=False)
+        _hf(
+            architectures=["Qwen2ForCausalLM"],
+            model_type="qwen2",
+            sliding_window=4096,
+            use_sliding_window=False,
+        )
     )
     assert cfg.attention_bias and not cfg.attention_out_bias and cfg.head_dim == 8
 
@@ -320,8 +336,14 @@ def test_from_hf_dict_qwen2_biases_and_default_head_dim():
         ({"architectures": None, "model_type": "gemma"}, "gemma"),
         ({"hidden_act": "gelu"}, "gelu"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
-        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 32},
-         "sliding"),
+        (
+            {
+                "architectures": ["MistralForCausalLM"],
+                "model_type": "mistral",
+                "sliding_window": 32,
+            },
+            "sliding",
+        ),
     ],
 )
 def test_from_hf_dict_rejects_unsupported(overrides, match):
@@ -330,8 +352,13 @@ def test_from_hf_dict_rejects_unsupported(overrides, match):
 
 
 def test_llama3_rope_scaling_keeps_high_and_slows_low_frequencies():
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     cfg = LlamaConfig.from_hf_dict(_hf(rope_scaling=scaling, hidden_size=128))
     base = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
     scaled = rope_inv_freq(cfg)
@@ -354,8 +381,13 @@ def test_config_validation(field, value):
 def test_config_roundtrips_through_asdict_and_stays_hashable():
     import json
 
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     cfg = LlamaConfig.from_hf_dict(_hf(rope_scaling=scaling, eos_token_id=[2, 3]))
     again = LlamaConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
     assert again == cfg and hash(again) == hash(cfg)

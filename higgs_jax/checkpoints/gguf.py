@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import gguf
 from higgs_jax.models.llama import LlamaConfig, Params, RopeScaling, param_shapes
 
 SUPPORTED_ARCHITECTURES = ("llama",)

@@ -65,7 +65,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for f in files:
         with safe_open(f, framework="flax") as fh:
-            for name in fh.keys():
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if name in out:
                     raise ValueError(f"tensor {name!r} appears in both {out[name]} and {f}")
                 out[name] = f
@@ -114,7 +114,9 @@ def load_hf(path: str | Path, dtype: Any = jnp.float32) -> tuple[Params, LlamaCo
     if unexpected:
         problems.append(f"unexpected tensors: {unexpected}")
     if problems:
-        raise ValueError(f"checkpoint {path} does not match its config.json: " + "; ".join(problems))
+        raise ValueError(
+            f"checkpoint {path} does not match its config.json: " + "; ".join(problems)
+        )
 
     by_file: dict[Path, list[str]] = {}
     for name in expected:

@@ -317,7 +317,9 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
 
 def _rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Applies rotate-half RoPE. x: (B, T, H, hd); positions: (B, T) int."""
-    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # (B,T,hd/2)
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(
+        inv_freq, jnp.float32
+    )  # (B,T,hd/2)
     cos = jnp.cos(ang)[:, :, None, :]
     sin = jnp.sin(ang)[:, :, None, :]
     xf = x.astype(jnp.float32)
@@ -409,9 +411,7 @@ def forward(
     mask = jnp.broadcast_to(mask, (B, T, S))
     if attention_mask is not None:
         if attention_mask.shape != (B, S):
-            raise ValueError(
-                f"attention_mask must have shape {(B, S)}, got {attention_mask.shape}"
-            )
+            raise ValueError(f"attention_mask must have shape {(B, S)}, got {attention_mask.shape}")
         mask = mask & attention_mask.astype(bool)[:, None, :]
 
     emb = params["embed_tokens"]["embedding"]
