@@ -18,7 +18,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from higgs_jax.qtensor import HiggsTensor, decode_rotated, rotate_activations
+from higgs_jax.qtensor import HiggsTensor, apply_outliers, decode_rotated, rotate_activations
 
 Implementation = Literal["auto", "xla", "pallas"]
 _IMPLEMENTATIONS = ("auto", "xla", "pallas")
@@ -38,6 +38,7 @@ def higgs_matmul_xla(x: jax.Array, qt: HiggsTensor, bias: jax.Array | None = Non
     x_rot = rotate_activations(qt, x)
     w_rot = decode_rotated(qt)
     y = jnp.matmul(x_rot, w_rot, precision=jax.lax.Precision.HIGHEST)
+    y = apply_outliers(qt, x, y)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)

@@ -10,9 +10,11 @@ The tensor stands for W of shape (K, N) (a Flax `kernel`, y = x @ W). Invariant,
     codes   uint32[packed_rows(K_pad // p, cb), N]   (layout: `higgs_jax.packing`)
     scales  float[K_pad // g, N]
     signs   int8[K_pad] of +-1, or None
+    outlier_rows / outlier_cols  int32[S], outlier_values float32[S], or all None
 
     Wrot[k, c] = grid[code[k // p, c], k % p] * scales[k // g, c]        (k < K_pad)
     W          = (signs[:, None] *) blockwise(H_h^T / sqrt(h)) @ Wrot,  then W[:K]
+    W[r_i, c_i] += v_i                       for each stored outlier i (QuantEase, full precision)
 
 If the original array was stored the other way round (``contraction_axis == 1``, e.g. a PyTorch
 (out, in) weight), `shape` is that original shape and `dequantize` returns it in that orientation.
@@ -34,7 +36,7 @@ from higgs_jax.config import code_bits
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["codes", "scales", "signs"],
+    data_fields=["codes", "scales", "signs", "outlier_rows", "outlier_cols", "outlier_values"],
     meta_fields=[
         "shape",
         "dtype",
@@ -53,6 +55,8 @@ class HiggsTensor:
       codes: uint32 packed grid indices.
       scales: per-(group, column) scales, bf16 by default.
       signs: optional int8 +-1 random signs applied along K before the rotation.
+      outlier_rows, outlier_cols, outlier_values: optional sparse full-precision correction S
+        (W ~ W_hat + S), indices in the (K, N) orientation; counted in bits/weight.
       shape: logical shape of the array this stands for (as the caller passed it).
       dtype: name of the dtype of the original array (what `dequantize` returns).
       grid: which grid (kind, p, n) the codes index.
@@ -72,6 +76,13 @@ class HiggsTensor:
     group_size: int
     k_pad: int
     contraction_axis: int = 0
+    outlier_rows: jax.Array | None = None
+    outlier_cols: jax.Array | None = None
+    outlier_values: jax.Array | None = None
+
+    @property
+    def num_outliers(self) -> int:
+        return 0 if self.outlier_values is None else int(self.outlier_values.shape[0])
 
     # -- array-like metadata -------------------------------------------------------------
     @property
@@ -113,8 +124,9 @@ class HiggsTensor:
         """Every bit stored: packed codes (incl. padding) + scales + signs."""
         bits = int(np.prod(self.codes.shape)) * 32
         bits += int(np.prod(self.scales.shape)) * jnp.dtype(self.scales.dtype).itemsize * 8
-        if self.signs is not None:
-            bits += int(np.prod(self.signs.shape)) * jnp.dtype(self.signs.dtype).itemsize * 8
+        for extra in (self.signs, self.outlier_rows, self.outlier_cols, self.outlier_values):
+            if extra is not None:
+                bits += int(np.prod(extra.shape)) * jnp.dtype(extra.dtype).itemsize * 8
         return bits
 
     @property
@@ -145,6 +157,11 @@ class HiggsTensor:
             problems.append(f"scales shape {self.scales.shape}, want {want_scales}")
         if self.signs is not None and tuple(self.signs.shape) != (self.k_pad,):
             problems.append(f"signs shape {self.signs.shape}, want ({self.k_pad},)")
+        outl = (self.outlier_rows, self.outlier_cols, self.outlier_values)
+        if any(o is None for o in outl) and not all(o is None for o in outl):
+            problems.append("outlier_rows/cols/values must be all set or all None")
+        elif outl[0] is not None and not (outl[0].shape == outl[1].shape == outl[2].shape):
+            problems.append(f"outlier arrays differ in shape: {[o.shape for o in outl]}")
         if problems:
             raise ValueError("invalid HiggsTensor: " + "; ".join(problems))
 
@@ -187,6 +204,14 @@ def unrotate(qt: HiggsTensor, w_rot: jax.Array) -> jax.Array:
     return w_rot
 
 
+def apply_outliers(qt: HiggsTensor, x: jax.Array, y: jax.Array) -> jax.Array:
+    """y + x @ S for the sparse outlier part S of `qt` (no-op without outliers)."""
+    if qt.outlier_values is None:
+        return y
+    contrib = x[..., qt.outlier_rows].astype(jnp.float32) * qt.outlier_values.astype(jnp.float32)
+    return y.at[..., qt.outlier_cols].add(contrib.astype(y.dtype))
+
+
 def rotate_activations(qt: HiggsTensor, x: jax.Array) -> jax.Array:
     """x (..., K) -> x_rot (..., K_pad) so that x @ W == x_rot @ Wrot (float32)."""
     if x.shape[-1] != qt.K:
@@ -204,6 +229,8 @@ def rotate_activations(qt: HiggsTensor, x: jax.Array) -> jax.Array:
 def dequantize(qt: HiggsTensor, dtype=None) -> jax.Array:
     """The dense array `qt` stands for, in its original orientation and dtype (or `dtype`)."""
     w = unrotate(qt, decode_rotated(qt))[: qt.K]
+    if qt.outlier_values is not None:
+        w = w.at[qt.outlier_rows, qt.outlier_cols].add(qt.outlier_values.astype(w.dtype))
     if qt.contraction_axis == 1:
         w = w.T
     return w.astype(dtype or qt.dtype)

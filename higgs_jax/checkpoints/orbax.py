@@ -37,10 +37,15 @@ def _flatten(tree: Any, prefix: str, meta: dict) -> Any:
             "k_pad": tree.k_pad,
             "contraction_axis": tree.contraction_axis,
             "has_signs": tree.signs is not None,
+            "has_outliers": tree.outlier_values is not None,
         }
         out = {"codes": tree.codes, "scales": tree.scales}
         if tree.signs is not None:
             out["signs"] = tree.signs
+        if tree.outlier_values is not None:
+            out["outlier_rows"] = tree.outlier_rows
+            out["outlier_cols"] = tree.outlier_cols
+            out["outlier_values"] = tree.outlier_values
         return out
     if isinstance(tree, Mapping):
         return {str(k): _flatten(v, f"{prefix}/{k}" if prefix else str(k), meta) for k, v in tree.items()}
@@ -66,6 +71,9 @@ def _rebuild(tree: Any, prefix: str, meta: Mapping[str, dict]) -> Any:
             group_size=m["group_size"],
             k_pad=m["k_pad"],
             contraction_axis=m["contraction_axis"],
+            outlier_rows=tree["outlier_rows"] if m.get("has_outliers") else None,
+            outlier_cols=tree["outlier_cols"] if m.get("has_outliers") else None,
+            outlier_values=tree["outlier_values"] if m.get("has_outliers") else None,
         )
         try:
             qt.validate()

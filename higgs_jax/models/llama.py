@@ -367,6 +367,76 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.f
     return cache
 
 
+#: Inputs of the linear layers of one block, keyed by the params path inside the block; the
+#: layers that read the same input share it (q/k/v read ``attn_in``, gate/up read ``mlp_in``).
+LINEAR_INPUTS = {
+    "attn/q_proj": "attn_in", "attn/k_proj": "attn_in", "attn/v_proj": "attn_in",
+    "attn/o_proj": "attn_out", "mlp/gate_proj": "mlp_in", "mlp/up_proj": "mlp_in",
+    "mlp/down_proj": "mlp_act",
+}
+
+
+def decoder_block(
+    lp: Params,
+    h: jax.Array,
+    config: LlamaConfig,
+    *,
+    positions: jax.Array,
+    mask: jax.Array,
+    layer_cache: Mapping[str, jax.Array] | None = None,
+    start: jax.Array | int = 0,
+    dtype: Any = jnp.float32,
+    capture: bool = False,
+) -> tuple[jax.Array, dict | None, dict | None]:
+    """One pre-norm decoder block: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``.
+
+    Args:
+        lp: the block's params (``layers_i`` subtree).
+        h: (B, T, D) residual stream.
+        config: model config.
+        positions: (B, T) RoPE positions.
+        mask: bool (B, T, S) attention mask over key slots.
+        layer_cache: this block's ``{'k', 'v'}`` cache, or None.
+        start: first cache slot written.
+        dtype: compute dtype.
+        capture: also return the inputs of the block's linear layers (see `LINEAR_INPUTS`), for
+            calibration statistics (GPTQ / QuantEase Hessians).
+
+    Returns:
+        ``(h_out, new_layer_cache or None, captured inputs or None)``.
+    """
+    c = config
+    B, T = h.shape[:2]
+    inv_freq = rope_inv_freq(c)
+    taps: dict | None = {} if capture else None
+    x = rms_norm(h, lp["input_norm"]["scale"], c.rms_norm_eps)
+    ap = lp["attn"]
+    q = _linear(x, ap["q_proj"]).reshape(B, T, c.num_heads, c.head_dim)
+    k = _linear(x, ap["k_proj"]).reshape(B, T, c.num_kv_heads, c.head_dim)
+    v = _linear(x, ap["v_proj"]).reshape(B, T, c.num_kv_heads, c.head_dim)
+    q = _rope(q, positions, inv_freq)
+    k = _rope(k, positions, inv_freq)
+    new_lc = None
+    if layer_cache is not None:
+        k = jax.lax.dynamic_update_slice(
+            layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, start, 0, 0))
+        v = jax.lax.dynamic_update_slice(
+            layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, start, 0, 0))
+        new_lc = {"k": k, "v": v}
+        k, v = k.astype(dtype), v.astype(dtype)
+    a = _attention(q, k, v, mask, c.num_kv_heads)
+    h = h + _linear(a, ap["o_proj"]).astype(dtype)
+    x2 = rms_norm(h, lp["post_attn_norm"]["scale"], c.rms_norm_eps)
+    mp = lp["mlp"]
+    g = jax.nn.silu(_linear(x2, mp["gate_proj"]))
+    u = _linear(x2, mp["up_proj"])
+    act = g * u
+    h = h + _linear(act, mp["down_proj"]).astype(dtype)
+    if capture:
+        taps.update({"attn_in": x, "attn_out": a, "mlp_in": x2, "mlp_act": act})
+    return h, new_lc, taps
+
+
 def forward(
     params: Params,
     tokens: jax.Array,
@@ -402,7 +472,6 @@ def forward(
     start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
     if positions is None:
         positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-    inv_freq = rope_inv_freq(c)
 
     # Causal mask by slot: query t sits at slot start + t.
     q_slot = start + jnp.arange(T)
@@ -418,27 +487,11 @@ def forward(
     h = jnp.take(emb, tokens, axis=0).astype(dtype)
     new_cache: Cache | None = None if cache is None else {"index": start + T}
     for i in range(c.num_layers):
-        lp = params[f"layers_{i}"]
-        x = rms_norm(h, lp["input_norm"]["scale"], c.rms_norm_eps)
-        ap = lp["attn"]
-        q = _linear(x, ap["q_proj"]).reshape(B, T, c.num_heads, c.head_dim)
-        k = _linear(x, ap["k_proj"]).reshape(B, T, c.num_kv_heads, c.head_dim)
-        v = _linear(x, ap["v_proj"]).reshape(B, T, c.num_kv_heads, c.head_dim)
-        q = _rope(q, positions, inv_freq)
-        k = _rope(k, positions, inv_freq)
+        layer_cache = None if cache is None else cache[f"layers_{i}"]
+        h, lc, _ = decoder_block(params[f"layers_{i}"], h, c, positions=positions, mask=mask,
+                                 layer_cache=layer_cache, start=start, dtype=dtype)
         if cache is not None:
-            lc = cache[f"layers_{i}"]
-            k = jax.lax.dynamic_update_slice(lc["k"], k.astype(lc["k"].dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(lc["v"], v.astype(lc["v"].dtype), (0, start, 0, 0))
-            new_cache[f"layers_{i}"] = {"k": k, "v": v}
-            k, v = k.astype(dtype), v.astype(dtype)
-        a = _attention(q, k, v, mask, c.num_kv_heads)
-        h = h + _linear(a, ap["o_proj"]).astype(dtype)
-        x = rms_norm(h, lp["post_attn_norm"]["scale"], c.rms_norm_eps)
-        mp = lp["mlp"]
-        g = jax.nn.silu(_linear(x, mp["gate_proj"]))
-        u = _linear(x, mp["up_proj"])
-        h = h + _linear(g * u, mp["down_proj"]).astype(dtype)
+            new_cache[f"layers_{i}"] = lc
     h = rms_norm(h, params["final_norm"]["scale"], c.rms_norm_eps)
     if "lm_head" in params:
         logits = _linear(h, params["lm_head"])
