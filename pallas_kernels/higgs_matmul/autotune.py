@@ -1,0 +1,121 @@
+"""Device timing and autotuning of `Config`s, with a JSON cache keyed by GPU kind and shape.
+
+Timing method (the same for every JAX contender in the benchmarks): R back-to-back calls inside
+one jitted `lax.fori_loop`; the loop carry passes the activations through an
+`optimization_barrier` together with the previous output, so XLA can neither hoist the call out
+of the loop nor skip it, at no extra device work. Device time per call = wall time / R after a
+warm-up run (compilation excluded). To keep weights from being served out of the L2 cache, the
+loop body cycles through several copies of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import _compat
+from pallas_kernels.higgs_matmul.config import Config, candidate_configs
+
+
+def time_device(fn: Callable, x: jax.Array, weights: Sequence, reps: int = 100) -> float:
+    """Seconds per call of ``fn(x, w)`` on the device, cycling through ``weights`` copies."""
+    copies = len(weights)
+    outer = max(1, reps // copies)
+
+    @jax.jit
+    def loop(x, weights):
+        def body(_, x):
+            for w in weights:
+                y = fn(x, w)
+                x, _ = lax.optimization_barrier((x, y))
+            return x
+
+        return lax.fori_loop(0, outer, body, x)
+
+    loop(x, weights).block_until_ready()  # compile + warm up
+    t0 = time.perf_counter()
+    loop(x, weights).block_until_ready()
+    return (time.perf_counter() - t0) / (outer * copies)
+
+
+def time_host_call(fn: Callable, x: jax.Array, w, reps: int = 20) -> float:
+    """Median host wall time of one jitted call (dispatch + device), seconds."""
+    f = jax.jit(fn)
+    f(x, w).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(x, w).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+def shape_key(x: jax.Array, w) -> str:
+    m = 1
+    for d in x.shape[:-1]:
+        m *= d
+    return f"m{m}_k{w.shape[0]}_n{w.shape[1]}_p{w.p}_n{w.n}_g{w.group_size}_{jnp.dtype(x.dtype).name}"
+
+
+def _cache_key(x, w) -> str:
+    return f"{_compat.device_kind()}|{shape_key(x, w)}"
+
+
+def load_autotune_cache(path: str | Path) -> dict[str, Config]:
+    p = Path(path)
+    if not p.exists():
+        return {}
+    raw = json.loads(p.read_text())
+    return {k: Config.from_dict(v) for k, v in raw.items()}
+
+
+def save_autotune_cache(path: str | Path, cache: dict[str, Config]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({k: c.to_dict() for k, c in sorted(cache.items())}, indent=1))
+
+
+def autotune(
+    x: jax.Array,
+    w,
+    candidates: Sequence[Config] | None = None,
+    *,
+    reps: int = 50,
+    cache_path: str | Path | None = None,
+    bias: jax.Array | None = None,
+) -> Config:
+    """Times each candidate config on the device and returns the fastest.
+
+    Candidates that fail to compile are skipped. With ``cache_path``, a stored result for this
+    GPU kind and shape key is returned without timing, and a new result is saved there.
+    """
+    from pallas_kernels.higgs_matmul.repack import repack
+    from pallas_kernels.higgs_matmul.wrapper import higgs_matmul_pallas
+
+    kw = repack(w)
+    key = _cache_key(x, kw)
+    cache = load_autotune_cache(cache_path) if cache_path else {}
+    if key in cache:
+        return cache[key]
+    m = x.size // x.shape[-1]
+    cands = list(candidates) if candidates else candidate_configs(m, kw.K, kw.N, kw.p, kw.code_bits / kw.p)
+    best, best_t = None, float("inf")
+    for cfg in cands:
+        try:
+            t = time_device(lambda a, b, c=cfg: higgs_matmul_pallas(a, b, bias=bias, config=c), x, [kw], reps)
+        except Exception:  # noqa: BLE001 - a candidate that does not compile is not a winner
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        raise ValueError(f"no candidate config ran for shape key {key}")
+    if cache_path:
+        cache[key] = best
+        save_autotune_cache(cache_path, cache)
+    return best

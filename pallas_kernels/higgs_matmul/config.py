@@ -1,0 +1,140 @@
+"""Kernel configuration: a frozen `Config`, its heuristic default and the autotuning space.
+
+Glossary: M = rows of x, K = contraction dim, N = output columns, p = grid dimension,
+unit = 32 consecutive codes of one column (32*p rotated coordinates of K, `cb` uint32 words).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+PATHS = ("fma", "dot")
+DECODES = ("auto", "poly", "select", "gather", "gather_pair")
+MAX_M = 256
+#: Largest M (after padding to a power of two) the CUDA-core (fma) path handles.
+MAX_FMA_M = 8
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tiling of one `higgs_matmul_pallas` launch.
+
+    Attributes:
+      block_n: output columns per program (power of two).
+      block_k: rotated K coordinates each program consumes per loop step; a multiple of 32*p
+        with block_k / (32*p) (code words per column per step) a power of two.
+      split_k: number of programs along K (partial sums are reduced outside the kernel).
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining depth.
+      path: "fma" (CUDA-core multiply-add, M <= 8) or "dot" (tensor-core bf16/f16 dot, any M).
+      block_m: rows of x per program on the "dot" path (power of two, >= 16).
+      decode: how a code becomes a grid value: "poly" (exact interpolating polynomial of the
+        symmetric 1-D grid's magnitudes), "select" (select tree on the code bits, constants
+        compiled in), "gather" (f32 LUT gather), "gather_pair" (p=2: one 32-bit gather returns
+        both coordinates as a bf16 pair), or "auto".
+    """
+
+    block_n: int = 128
+    block_k: int = 256
+    split_k: int = 8
+    num_warps: int = 4
+    num_stages: int = 2
+    path: str = "fma"
+    block_m: int = 16
+    decode: str = "auto"
+
+    def __post_init__(self):
+        for name in ("block_n", "num_warps", "block_m"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not _pow2(v):
+                raise ValueError(f"{name} must be a positive power of two, got {v!r}")
+        for name in ("block_k", "split_k", "num_stages"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        if self.path == "dot" and self.block_m < 16:
+            raise ValueError(f"block_m must be >= 16 on the dot path, got {self.block_m}")
+
+    def units_per_step(self, p: int) -> int:
+        """Code words per column per loop step (``block_k / (32 p)``); validated."""
+        if self.block_k % (32 * p) or not _pow2(self.block_k // (32 * p)):
+            raise ValueError(
+                f"block_k={self.block_k} must be 32*p*2^j for p={p} (e.g. {32 * p}, {64 * p})"
+            )
+        return self.block_k // (32 * p)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        return cls(**d)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+#: Programs to aim for: a few per SM of an H100 (132 SMs) so the memory system stays busy.
+TARGET_PROGRAMS = 528
+
+
+def default_config(m: int, k: int, n: int, p: int, bits: int | float) -> Config:
+    """Heuristic config for an (m, k) x (k, n) product with a p-dim grid of `bits` bits/weight."""
+    units = -(-(-(-k // p)) // 32)  # ceil(ceil(k/p)/32) code words per column
+    if m <= MAX_FMA_M:
+        block_n = 128 if n >= 128 else max(16, _next_pow2(n))
+        bku = 8 if p == 1 else 4
+        bku = min(bku, _next_pow2(units))
+        path, block_m, warps = "fma", 16, 4
+    else:
+        block_m = min(64, max(16, _next_pow2(m)))
+        block_n = 128 if m <= 64 else 64
+        block_n = min(block_n, max(16, _next_pow2(n)))
+        bku = 16
+        path, warps = "dot", 4
+    steps_total = -(-units // bku)
+    n_blocks = -(-n // block_n) * (-(-m // block_m) if path == "dot" else 1)
+    split = 1
+    while split * 2 <= steps_total and n_blocks * split < TARGET_PROGRAMS:
+        split *= 2
+    return Config(
+        block_n=block_n,
+        block_k=bku * 32 * p,
+        split_k=split,
+        num_warps=warps,
+        num_stages=2,
+        path=path,
+        block_m=block_m,
+        decode="auto",
+    )
+
+
+def candidate_configs(m: int, k: int, n: int, p: int, bits: int | float) -> list[Config]:
+    """Autotuning search space around the heuristic default."""
+    base = default_config(m, k, n, p, bits)
+    out = [base]
+    for split in (base.split_k // 2, base.split_k * 2, base.split_k * 4):
+        if split >= 1:
+            out.append(dataclasses.replace(base, split_k=split))
+    for bn in (64, 256):
+        out.append(dataclasses.replace(base, block_n=bn))
+    for warps in (2, 8):
+        out.append(dataclasses.replace(base, num_warps=warps))
+    out.append(dataclasses.replace(base, block_k=base.block_k * 2))
+    if base.block_k // (32 * p) > 1 and base.path == "fma":
+        out.append(dataclasses.replace(base, block_k=base.block_k // 2))
+    seen, uniq = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            uniq.append(c)
+    return uniq

@@ -1,0 +1,221 @@
+"""Pallas (Triton backend) kernel body: y_partial = x_rot · decode(words) · scales.
+
+Glossary: M = rows of x (padded to a power of two), K = rotated, padded contraction dim,
+N = columns, p = grid dimension, n = grid points, cb = code bits, unit = 32 consecutive codes of
+one column (cb uint32 words, see `repack`), BKU = units per loop step, BN = columns per program,
+S = split_k (programs along K), plane c = the c-th code (0..31) of every unit in a tile.
+
+Grid: (N / BN, S, M / BM). Program (j, s, i) owns columns [j BN, (j+1) BN) and the units
+[s * steps * BKU, (s+1) * steps * BKU); it loops over `steps` tiles of BKU units, and for each
+of the 32 code planes extracts the codes with a shift and a mask (no straddling in the kernel
+layout), decodes them to grid values without a memory lookup where possible, and multiplies with
+the matching activations. The activations arrive permuted (wrapper) as x[m, d, c, u] =
+x_rot[m, (32 u + c) p + d], so each plane's activations are one contiguous slice.
+
+Two paths:
+- "fma" (M <= 8): CUDA-core multiply-adds into per-row accumulators of shape (BKU, BN); the
+  scale multiplies once per (tile, row) rather than per weight; reduced over rows at the end.
+- "dot": the decoded, scaled plane (BKU, BN) is cast to the activation dtype and fed to a
+  tensor-core dot with the (BM, BKU) activation plane; f32 accumulation.
+Partial sums (S, M, N) are reduced outside the kernel (wrapper).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+from pallas_kernels.higgs_matmul.repack import code_parts
+
+_MAGIC = np.uint32(0x4B000000)  # float 2^23: OR-ing an integer j < 2^23 into its mantissa gives 2^23 + j
+
+
+# ------------------------------------------------------------------------------------ decoders
+def symmetric_magnitudes(grid_values) -> np.ndarray | None:
+    """The n/2 positive levels if the 1-D grid is sorted and symmetric (g[n-1-i] = -g[i])."""
+    g = np.asarray([v[0] for v in grid_values], np.float64)
+    n = g.size
+    if len(grid_values[0]) != 1 or n < 2 or n % 2:
+        return None
+    if np.any(np.diff(g) <= 0) or not np.allclose(g[::-1], -g, rtol=0, atol=1e-6 * np.abs(g).max()):
+        return None
+    return g[n // 2 :]
+
+
+def magnitude_poly(mags: np.ndarray) -> tuple[float, ...]:
+    """Coefficients (low degree first) of the polynomial through (j - (m-1)/2, mags[j]), j < m.
+
+    Centering the abscissae keeps the Vandermonde system well conditioned: for the 16-level
+    Lloyd-Max grid the float32 Horner evaluation reproduces the levels to ~1e-7 relative.
+    """
+    m = mags.size
+    u = np.arange(m, dtype=np.float64) - (m - 1) / 2
+    coef = np.linalg.solve(np.vander(u, m, increasing=True), mags)
+    return tuple(float(c) for c in coef)
+
+
+def _decode_poly(code, *, cb: int, coef: tuple[float, ...]):
+    """Sign/magnitude decode of a symmetric sorted 1-D grid: a few integer ops + (m-1) FMAs."""
+    m = 1 << (cb - 1)
+    low = code & np.uint32(m - 1)
+    neg = (code >> np.uint32(cb - 1)) == np.uint32(0)
+    # Codes below m are the mirrored negatives: magnitude index m-1-low == low ^ (m-1).
+    j = jnp.where(neg, low ^ np.uint32(m - 1), low)
+    # Integer -> float via the mantissa trick (full-rate ALU ops instead of the slow I2F unit):
+    # u2 = 2 j - (m - 1) is an odd integer, so one exact subtraction centres it (a half-integer
+    # centre would need two subtractions that compilers may re-associate into an inexact one).
+    u = lax.bitcast_convert_type((j << np.uint32(1)) | _MAGIC, jnp.float32) - np.float32(
+        8388608.0 + (m - 1)
+    )
+    coef = tuple(c / 2.0**k for k, c in enumerate(coef))  # polynomial in u2 = 2 u
+    acc = u * np.float32(coef[-1]) + np.float32(coef[-2])  # m >= 2 levels: degree >= 1
+    for c in coef[-3::-1]:
+        acc = acc * u + np.float32(c)
+    return jnp.where(neg, -acc, acc)
+
+
+def _decode_select(code, *, cb: int, values: tuple[float, ...]):
+    """Binary select tree on the code bits with the grid values compiled in (n - 1 selects)."""
+    level = [np.float32(v) for v in values]
+    bit = 0
+    while len(level) > 1:
+        is_one = (code & np.uint32(1 << bit)) != np.uint32(0)
+        level = [jnp.where(is_one, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+        bit += 1
+    out = level[0]
+    if not isinstance(out, jax.Array):
+        out = jnp.full(code.shape, out, jnp.float32)
+    return out
+
+
+def decode_codes(code, lut_ref, *, decode: str, cb: int, p: int, grid_values, coef):
+    """Codes (uint32, any shape) -> list of p float32 arrays of grid coordinates."""
+    if decode == "poly":
+        return [_decode_poly(code, cb=cb, coef=coef)]
+    if decode == "select":
+        return [
+            _decode_select(code, cb=cb, values=tuple(v[d] for v in grid_values)) for d in range(p)
+        ]
+    idx = code.astype(jnp.int32)
+    if decode == "gather":
+        if p == 1:
+            return [lut_ref[idx]]
+        return [lut_ref[idx * p + d] for d in range(p)]
+    if decode == "gather_pair":
+        # One 32-bit load returns both coordinates as bf16 (low half: d=0, high half: d=1);
+        # bf16 -> f32 is a 16-bit shift of the bit pattern.
+        pair = lut_ref[idx]
+        lo = lax.bitcast_convert_type(pair << np.uint32(16), jnp.float32)
+        hi = lax.bitcast_convert_type(pair & np.uint32(0xFFFF0000), jnp.float32)
+        return [lo, hi]
+    raise ValueError(f"unknown decode {decode!r}")
+
+
+# ------------------------------------------------------------------------------------ kernel
+def higgs_matmul_kernel(
+    x_ref,  # (Mp, p, 32, U_x) f32 (fma) or activation dtype (dot): permuted rotated activations
+    w_ref,  # (U, cb, N) uint32: kernel-layout codes
+    s_ref,  # (G, N) scales
+    lut_ref,  # (L,) f32 / uint32 lookup table (only read by the gather decoders)
+    o_ref,  # (S, Mp, N_out) f32 partial sums
+    *,
+    path: str,
+    decode: str,
+    p: int,
+    cb: int,
+    grid_values,
+    coef,
+    units: int,
+    bku: int,
+    bn: int,
+    bm: int,
+    steps: int,
+    n_cols: int,
+    group_units_num: int,
+    group_units_den: int,
+    num_groups: int,
+    m_rows: int,
+    mask_rows: bool,
+    mask_cols: bool,
+):
+    j = pl.program_id(0)
+    s = pl.program_id(1)
+    i = pl.program_id(2)  # read here: interpret mode cannot lower program_id inside the loop
+    n0 = pl.multiple_of(j * bn, bn)
+    cols = n0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
+    parts = code_parts(cb)
+
+    def tile_mask(rows):
+        mask = None
+        if mask_rows:
+            mask = jnp.broadcast_to(rows[:, None] < units, (bku, bn))
+        if mask_cols:
+            cm = jnp.broadcast_to(cols < n_cols, (bku, bn))
+            mask = cm if mask is None else mask & cm
+        return mask
+
+    def step(it, carry):
+        u0 = pl.multiple_of((s * steps + it) * bku, bku)
+        rows = u0 + lax.broadcasted_iota(jnp.int32, (bku,), 0)
+        mask = tile_mask(rows)
+        words = {}
+
+        def word(t):
+            if t not in words:
+                ref = w_ref.at[pl.ds(u0, bku), jnp.int32(t), pl.ds(n0, bn)]
+                words[t] = _compat.load(ref, mask=mask, other=0)
+            return words[t]
+
+        # Scale row of every unit row of the tile (a unit never spans two scale groups).
+        g_idx = (rows * group_units_num) // group_units_den
+        if mask_rows:
+            g_idx = jnp.minimum(g_idx, num_groups - 1)
+        # Two broadcast index arrays (not array + slice): one form both Triton and interpret
+        # mode lower; the column index is contiguous, so the load stays coalesced.
+        g2 = jnp.broadcast_to(g_idx[:, None], (bku, bn))
+        c2 = jnp.broadcast_to(cols, (bku, bn))
+        if mask_cols:
+            c2 = jnp.minimum(c2, n_cols - 1)
+        scl = _compat.load(s_ref.at[g2, c2], mask=mask, other=0).astype(jnp.float32)
+
+        if path == "fma":
+            partial = [jnp.zeros((bku, bn), jnp.float32) for _ in range(m_rows)]
+        else:
+            acc = carry
+        for c in range(32):
+            code = None
+            row0, offset = 0, 0
+            for w in parts:
+                cpw = 32 // w
+                field = (word(row0 + c // cpw) >> np.uint32((c % cpw) * w)) & np.uint32((1 << w) - 1)
+                code = field if code is None else code | (field << np.uint32(offset))
+                row0 += w
+                offset += w
+            vals = decode_codes(
+                code, lut_ref, decode=decode, cb=cb, p=p, grid_values=grid_values, coef=coef
+            )
+            for d in range(p):
+                if path == "fma":
+                    for m in range(m_rows):
+                        xs = x_ref[m, d, c, pl.ds(u0, bku)].astype(jnp.float32)  # (BKU,)
+                        partial[m] = partial[m] + xs[:, None] * vals[d]
+                else:
+                    xs = x_ref[pl.ds(i * bm, bm), d, c, pl.ds(u0, bku)]  # (BM, BKU)
+                    wv = (vals[d] * scl).astype(xs.dtype)
+                    acc = acc + jnp.dot(xs, wv, preferred_element_type=jnp.float32)
+        if path == "fma":
+            return tuple(carry[m] + partial[m] * scl for m in range(m_rows))
+        return acc
+
+    if path == "fma":
+        init = tuple(jnp.zeros((bku, bn), jnp.float32) for _ in range(m_rows))
+        out = lax.fori_loop(0, steps, step, init)
+        for m in range(m_rows):
+            o_ref[s, m, pl.ds(n0, bn)] = jnp.sum(out[m], axis=0)
+    else:
+        out = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+        o_ref[s, pl.ds(i * bm, bm), pl.ds(n0, bn)] = out

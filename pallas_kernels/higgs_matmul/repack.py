@@ -1,0 +1,228 @@
+"""One-time repack of a `HiggsTensor` into the layout the kernel reads (`KernelPackedWeight`).
+
+Glossary: K = contraction dim, N = columns, p = grid dimension, n = grid points,
+cb = log2(n) code bits, Kc = K_pad / p codes per column, unit = 32 consecutive codes of a column,
+U = ceil(Kc / 32) units per column.
+
+Kernel layout: ``words: uint32[U, cb, N]``. A code of width cb is split into parts of widths
+that divide 32 (2 -> (2,), 3 -> (2, 1), 4 -> (4,), 6 -> (4, 2), 8 -> (8,)); part j holds the
+code bits ``[o_j, o_j + w_j)`` where ``o_j`` is the sum of the earlier widths. Part j of unit u
+takes the ``w_j`` consecutive word rows starting at ``sum of earlier widths``; in its word t the
+field ``[s*w_j, (s+1)*w_j)`` holds that part of code ``32*u + t*(32/w_j) + s``. No field straddles
+a word, so the kernel extracts a code with one shift and one mask per part.
+
+For cb in {2, 4, 8} this is *bit-identical* to the `HiggsTensor` layout (docs/ARCHITECTURE.md)
+viewed as ``[U, cb, N]``: the repack is a free reshape. For cb in {3, 6} (whose codes straddle
+words in the HiggsTensor layout) it is a real one-time bit shuffle of the same size (cb words
+per unit, nothing wasted). Do it once at load time (`repack`) so the matmul never pays for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED = {(1, 4): 2, (1, 8): 3, (1, 16): 4, (2, 16): 4, (2, 64): 6, (2, 256): 8}
+#: (p, n) -> code bits; the (p, bits) pairs the kernel supports: p in {1, 2}, bits in {2, 3, 4}.
+
+_PARTS = {2: (2,), 3: (2, 1), 4: (4,), 6: (4, 2), 8: (8,)}
+
+
+def code_parts(code_bits: int) -> tuple[int, ...]:
+    """Widths (each dividing 32) the code is split into, low bits first."""
+    if code_bits not in _PARTS:
+        raise ValueError(f"code_bits must be one of {sorted(_PARTS)}, got {code_bits!r}")
+    return _PARTS[code_bits]
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["words", "scales", "signs"],
+    meta_fields=[
+        "shape",
+        "dtype",
+        "p",
+        "n",
+        "grid_values",
+        "hadamard_size",
+        "group_size",
+        "k_pad",
+    ],
+)
+@dataclasses.dataclass(frozen=True)
+class KernelPackedWeight:
+    """A HIGGS weight (K, N) in the kernel layout of this module's docstring.
+
+    Invariant: ``words.shape == (U, cb, N)`` with ``U = ceil(k_pad / p / 32)``,
+    ``scales.shape == (k_pad // group_size, N)``, ``signs`` is None or ``(k_pad,)``,
+    ``grid_values`` is a tuple of n tuples of p floats (the grid the codes index), and
+    ``Wrot[k, c] = grid_values[code(k // p, c)][k % p] * scales[k // g, c]`` as for `HiggsTensor`.
+    """
+
+    words: jax.Array
+    scales: jax.Array
+    signs: jax.Array | None
+    shape: tuple[int, int]
+    dtype: str
+    p: int
+    n: int
+    grid_values: tuple[tuple[float, ...], ...]
+    hadamard_size: int
+    group_size: int
+    k_pad: int
+
+    @property
+    def K(self) -> int:  # noqa: N802 - glossary name
+        return self.shape[0]
+
+    @property
+    def N(self) -> int:  # noqa: N802 - glossary name
+        return self.shape[1]
+
+    @property
+    def code_bits(self) -> int:
+        return SUPPORTED[(self.p, self.n)]
+
+    @property
+    def units(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        total = self.words.size * 4 + self.scales.size * jnp.dtype(self.scales.dtype).itemsize
+        return int(total + (0 if self.signs is None else self.signs.size))
+
+
+def _grid_tuple(values) -> tuple[tuple[float, ...], ...]:
+    arr = np.asarray(values, np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    return tuple(tuple(float(v) for v in row) for row in arr)
+
+
+def pack_kernel_words(codes: jax.Array, code_bits: int) -> jax.Array:
+    """Integer codes ``(Kc, N)`` -> ``uint32[U, cb, N]`` in the kernel layout (zero padded)."""
+    parts = code_parts(code_bits)
+    kc, ncols = codes.shape
+    units = -(-kc // 32)
+    c = codes.astype(jnp.uint32)
+    if units * 32 != kc:
+        c = jnp.pad(c, [(0, units * 32 - kc), (0, 0)])
+    c = c.reshape(units, 32, ncols)
+    out, offset = [], 0
+    for w in parts:
+        cpw = 32 // w
+        field = (c >> np.uint32(offset)) & np.uint32((1 << w) - 1)
+        field = field.reshape(units, w, cpw, ncols)
+        shifts = (np.arange(cpw, dtype=np.uint32) * np.uint32(w))[None, None, :, None]
+        # Fields are disjoint, so the sum is a bitwise OR.
+        out.append(jnp.sum(field << shifts, axis=2, dtype=jnp.uint32))
+        offset += w
+    return jnp.concatenate(out, axis=1)
+
+
+def unpack_kernel_words(words: jax.Array, code_bits: int) -> jax.Array:
+    """Inverse of `pack_kernel_words`: ``uint32[U, cb, N]`` -> int32 codes ``(32 U, N)``."""
+    parts = code_parts(code_bits)
+    units, _, ncols = words.shape
+    code = jnp.zeros((units, 32, ncols), jnp.uint32)
+    row, offset = 0, 0
+    for w in parts:
+        cpw = 32 // w
+        wd = words[:, row : row + w]  # (U, w, N)
+        shifts = (np.arange(cpw, dtype=np.uint32) * np.uint32(w))[None, None, :, None]
+        field = (wd[:, :, None, :] >> shifts) & np.uint32((1 << w) - 1)
+        code = code | (field.reshape(units, 32, ncols) << np.uint32(offset))
+        row += w
+        offset += w
+    return code.reshape(units * 32, ncols).astype(jnp.int32)
+
+
+def from_arrays(
+    codes_packed: jax.Array,
+    scales: jax.Array,
+    grid_values,
+    *,
+    shape: tuple[int, int],
+    k_pad: int,
+    group_size: int,
+    hadamard_size: int = 1,
+    signs: jax.Array | None = None,
+    dtype: str = "bfloat16",
+) -> KernelPackedWeight:
+    """Builds the kernel layout from raw arrays in the `HiggsTensor` layout (docs/ARCHITECTURE.md).
+
+    Args:
+      codes_packed: ``uint32[K_words, N]`` packed as `higgs_jax.packing.pack_codes` does.
+      scales: ``[k_pad // group_size, N]``.
+      grid_values: ``(n, p)`` (or ``(n,)`` for p = 1) grid the codes index.
+      shape: logical (K, N).
+    """
+    gv = _grid_tuple(grid_values)
+    n, p = len(gv), len(gv[0])
+    if (p, n) not in SUPPORTED:
+        raise ValueError(
+            f"grid (p={p}, n={n}) is not supported by the kernel; supported (p, n): {sorted(SUPPORTED)}"
+        )
+    cb = SUPPORTED[(p, n)]
+    K, N = shape  # noqa: N806
+    kc = k_pad // p
+    units = -(-kc // 32)
+    if codes_packed.dtype != jnp.uint32 or tuple(codes_packed.shape) != (units * cb, N):
+        raise ValueError(
+            f"codes have shape {codes_packed.shape} {codes_packed.dtype}, want ({units * cb}, {N}) uint32"
+        )
+    if tuple(scales.shape) != (k_pad // group_size, N):
+        raise ValueError(f"scales have shape {scales.shape}, want ({k_pad // group_size}, {N})")
+    if cb in (2, 4, 8):
+        words = codes_packed.reshape(units, cb, N)
+    else:
+        from higgs_jax import packing  # lazy: only the straddling widths need unpacking
+
+        codes = packing.unpack_codes(codes_packed, cb, kc)
+        words = pack_kernel_words(codes, cb)
+    return KernelPackedWeight(
+        words=words,
+        scales=scales,
+        signs=signs,
+        shape=(int(K), int(N)),
+        dtype=str(dtype),
+        p=p,
+        n=n,
+        grid_values=gv,
+        hadamard_size=int(hadamard_size),
+        group_size=int(group_size),
+        k_pad=int(k_pad),
+    )
+
+
+def repack(qt) -> KernelPackedWeight:
+    """`HiggsTensor` -> `KernelPackedWeight` (pure; call once at load time, e.g. under `jax.jit`).
+
+    Raises:
+      ValueError: if the tensor was quantized along axis 1 or its (p, n) is not supported.
+    """
+    if isinstance(qt, KernelPackedWeight):
+        return qt
+    if getattr(qt, "contraction_axis", 0) != 0:
+        raise ValueError(
+            f"weight of shape {qt.shape} was quantized along axis {qt.contraction_axis}; "
+            "the kernel needs a (K, N) kernel quantized along axis 0"
+        )
+    from higgs_jax import grids  # lazy: higgs_jax is only needed for HiggsTensor inputs
+
+    return from_arrays(
+        qt.codes,
+        qt.scales,
+        np.asarray(grids.grid_values(qt.grid)),
+        shape=tuple(qt.shape),
+        k_pad=qt.k_pad,
+        group_size=qt.group_size,
+        hadamard_size=qt.hadamard_size,
+        signs=qt.signs,
+        dtype=qt.dtype,
+    )

@@ -1,0 +1,219 @@
+"""Validation, activation rotation, padding and launch of the HIGGS matmul kernel.
+
+Glossary: M = rows of x (all leading axes flattened), K = logical contraction dim, K_pad = K
+padded to the Hadamard/group size, N = columns, p = grid dimension, n = grid points,
+h = Hadamard block size, g = scale group size, unit = 32 consecutive codes of a column.
+
+Forward pass (docs/ARCHITECTURE.md): ``y = block_hadamard(pad(x) * signs, h) @ Wrot (+ bias)``.
+The rotation is a separate XLA op (`higgs_jax.hadamard.block_hadamard`, fused by XLA with the
+padding and the activation permutation the kernel wants); the LUT matmul is the Pallas kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+from pallas_kernels.higgs_matmul import kernel as _kernel
+from pallas_kernels.higgs_matmul.config import MAX_FMA_M, MAX_M, Config, default_config
+from pallas_kernels.higgs_matmul.repack import SUPPORTED, KernelPackedWeight, repack
+
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _is_weight(w) -> bool:
+    return isinstance(w, KernelPackedWeight) or type(w).__name__ == "HiggsTensor"
+
+
+def _problems(x, w, *, check_backend: bool) -> list[str]:
+    out = []
+    if not _is_weight(w):
+        return [f"w must be a HiggsTensor or KernelPackedWeight, got {type(w).__name__}"]
+    if getattr(w, "contraction_axis", 0) != 0:
+        out.append(f"weight of shape {w.shape} is quantized along axis 1; need a (K, N) kernel")
+    p, n = (w.p, w.n)
+    if (p, n) not in SUPPORTED:
+        out.append(f"grid (p={p}, n={n}) unsupported; kernel supports (p, n) in {sorted(SUPPORTED)}")
+    elif w.group_size % (32 * p):
+        out.append(f"group_size={w.group_size} must be a multiple of 32*p={32 * p}")
+    k = w.shape[getattr(w, "contraction_axis", 0)]
+    if not hasattr(x, "shape") or x.ndim < 1:
+        return out + [f"x must be an array of shape (..., K), got {type(x).__name__}"]
+    if x.shape[-1] != k:
+        out.append(f"x has last dim {x.shape[-1]} but the weight has K={k}")
+    if not any(x.dtype == d for d in _DTYPES):
+        out.append(f"x dtype {x.dtype} unsupported (bfloat16, float16, float32)")
+    m = int(np.prod(x.shape[:-1])) if x.ndim > 1 else 1
+    if m > MAX_M:
+        out.append(f"M={m} rows exceeds the supported maximum {MAX_M}")
+    if check_backend:
+        cc = _compat.gpu_compute_capability()
+        if cc is None:
+            out.append(f"backend {jax.default_backend()!r} is not an NVIDIA GPU")
+        elif cc < _compat.MIN_COMPUTE_CAPABILITY:
+            out.append(f"compute capability {cc} < {_compat.MIN_COMPUTE_CAPABILITY} (Triton)")
+    return out
+
+
+def can_use_pallas(x: jax.Array, w) -> tuple[bool, str]:
+    """Whether the Pallas kernel runs ``x @ w`` here (NVIDIA GPU, supported grid, M, dtype).
+
+    Returns:
+      (True, "ok") or (False, reason).
+    """
+    problems = _problems(x, w, check_backend=True)
+    return (not problems, "; ".join(problems) or "ok")
+
+
+def rotate_activations(x2: jax.Array, kw: KernelPackedWeight) -> jax.Array:
+    """(M, K) -> (M, K_pad) float32: pad, random signs, block Hadamard (normalised)."""
+    x = x2.astype(jnp.float32)
+    if kw.k_pad != kw.K:
+        x = jnp.pad(x, [(0, 0), (0, kw.k_pad - kw.K)])
+    if kw.hadamard_size > 1:
+        from higgs_jax import hadamard  # lazy: only rotated weights need it
+
+        x = hadamard.block_hadamard(x, kw.hadamard_size, axis=-1, normalize=True, signs=kw.signs)
+    elif kw.signs is not None:
+        x = x * kw.signs.astype(x.dtype)
+    return x
+
+
+def resolve_decode(decode: str, kw: KernelPackedWeight) -> tuple[str, tuple[float, ...]]:
+    """Chooses the decoder ("auto") and returns it with its polynomial coefficients (if any)."""
+    mags = _kernel.symmetric_magnitudes(kw.grid_values) if kw.p == 1 else None
+    if decode == "auto":
+        if kw.p == 1:
+            decode = "poly" if mags is not None and kw.n >= 8 else "select"
+        else:
+            decode = "select" if kw.n <= 16 else "gather_pair"
+    if decode == "poly":
+        if mags is None:
+            raise ValueError("decode='poly' needs a sorted, symmetric 1-D grid")
+        return decode, _kernel.magnitude_poly(mags)
+    if decode == "gather_pair" and kw.p != 2:
+        raise ValueError(f"decode='gather_pair' needs p=2, got p={kw.p}")
+    return decode, ()
+
+
+def _lut(decode: str, kw: KernelPackedWeight) -> jax.Array:
+    gv = np.asarray(kw.grid_values, np.float32)  # (n, p)
+    if decode == "gather_pair":
+        bits = gv.astype(jnp.bfloat16).view(np.uint16).astype(np.uint32)
+        return jnp.asarray(bits[:, 0] | (bits[:, 1] << np.uint32(16)), jnp.uint32)
+    return jnp.asarray(gv.reshape(-1), jnp.float32)
+
+
+def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtype, interpret: bool):
+    """xr: (M, K_pad) f32 rotated activations -> (M, N) f32."""
+    p, cb, N = kw.p, kw.code_bits, kw.N  # noqa: N806
+    units = kw.units
+    bku = cfg.units_per_step(p)
+    split = max(1, min(cfg.split_k, -(-units // bku)))
+    steps = -(-units // (split * bku))
+    ux = split * steps * bku
+    bn = cfg.block_n
+    n_out = -(-N // bn) * bn
+    if cfg.path == "fma":
+        if m > MAX_FMA_M:
+            raise ValueError(f"path='fma' supports M <= {MAX_FMA_M}, got M={m}; use path='dot'")
+        mp, bm, xdt = _next_pow2(m), 1, jnp.float32
+    else:
+        bm = min(cfg.block_m, max(16, _next_pow2(m)))
+        mp, xdt = -(-m // bm) * bm, out_dtype if out_dtype != jnp.float32 else jnp.bfloat16
+    decode, coef = resolve_decode(cfg.decode, kw)
+
+    # Activation permutation x[m, d, c, u] = x_rot[m, (32u + c) p + d]; XLA fuses it with the
+    # rotation, so the kernel reads each code plane's activations as one contiguous slice.
+    xr = jnp.pad(xr, [(0, mp - m), (0, ux * 32 * p - xr.shape[1])])
+    xp = xr.reshape(mp, ux, 32, p).transpose(0, 3, 2, 1).astype(xdt)
+
+    body = functools.partial(
+        _kernel.higgs_matmul_kernel,
+        path=cfg.path,
+        decode=decode,
+        p=p,
+        cb=cb,
+        grid_values=kw.grid_values,
+        coef=coef,
+        units=units,
+        bku=bku,
+        bn=bn,
+        bm=bm,
+        steps=steps,
+        n_cols=N,
+        group_units_num=32 * p,
+        group_units_den=kw.group_size,
+        num_groups=kw.scales.shape[0],
+        m_rows=mp,
+        mask_rows=ux != units,
+        mask_cols=n_out != N,
+    )
+    grid = (n_out // bn, split, mp // bm if cfg.path == "dot" else 1)
+    with _compat.quiet_triton_deprecation():
+        partial = pl.pallas_call(
+            body,
+            out_shape=jax.ShapeDtypeStruct((split, mp, n_out), jnp.float32),
+            grid=grid,
+            compiler_params=None if interpret else _compat.compiler_params(cfg.num_warps, cfg.num_stages),
+            interpret=interpret,
+            name=f"higgs_matmul_p{p}_cb{cb}_{cfg.path}_{decode}",
+        )(xp, kw.words, kw.scales, _lut(decode, kw))
+    return jnp.sum(partial, axis=0)[:m, :N]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _higgs_matmul(x, w, bias, config, interpret):
+    kw = repack(w)
+    lead = x.shape[:-1]
+    m = int(np.prod(lead)) if lead else 1
+    x2 = x.reshape(m, kw.K)
+    cfg = config or default_config(m, kw.K, kw.N, kw.p, kw.code_bits / kw.p)
+    y = _launch(rotate_activations(x2, kw), kw, cfg, m, x.dtype, interpret)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype).reshape(lead + (kw.N,))
+
+
+def higgs_matmul_pallas(
+    x: jax.Array,
+    w,
+    *,
+    bias: jax.Array | None = None,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``x @ dequantize(w) (+ bias)`` with the Pallas Triton kernel (rotation of x included).
+
+    Args:
+      x: activations (..., K), bf16/f16/f32; at most 256 rows after flattening.
+      w: `HiggsTensor` (repacked on the fly; free for 2/4/8-bit codes) or `KernelPackedWeight`
+        from `repack` (do this once at load time for 3- and 6-bit codes).
+      bias: optional (N,), added in f32.
+      config: tiling; `default_config` when None.
+      interpret: run the kernel in Pallas interpret mode (any backend; for tests).
+
+    Returns:
+      (..., N) in x's dtype.
+
+    Raises:
+      ValueError: shape/dtype mismatch, unsupported grid, M > 256, or no NVIDIA GPU without
+        ``interpret=True``.
+    """
+    problems = _problems(x, w, check_backend=not interpret)
+    if bias is not None and tuple(bias.shape) != (w.shape[1 - getattr(w, "contraction_axis", 0)],):
+        problems.append(f"bias has shape {tuple(bias.shape)}, want ({w.shape[1]},)")
+    if config is not None and not isinstance(config, Config):
+        problems.append(f"config must be a Config, got {type(config).__name__}")
+    if problems:
+        raise ValueError("higgs_matmul_pallas: " + "; ".join(problems))
+    return _higgs_matmul(x, w, bias, config, interpret)
