@@ -92,30 +92,49 @@ def test_quantease_vs_gptq(sigma_kind, grid_name):
     assert f_qg <= f_g * (1 + RTOL)
 
 
-def literal_quantease_p1(w, sigma, grid, scales, g, codes, sweeps):
-    """SPEC §5 verbatim for p = 1: u_j = W_j + sum_{k != j} (W_k - W_hat_k) Sigma_kj / Sigma_jj,
-    W_hat_j = s * nearest(u_j / s), one row at a time, float64."""
+def literal_quantease(w, sigma, grid, scales, g, codes, sweeps):
+    """SPEC §5 written out in float64, one block at a time, with no maintained products:
+    u_B = W_B + Sigma_BB^{-1} sum_{k not in B} Sigma_Bk (W_k - W_hat_k) (for p = 1:
+    u_j = W_j + sum_{k != j} (W_k - W_hat_k) Sigma_kj / Sigma_jj), then the grid point s * g_m
+    minimising (s g_m - u_B)^T Sigma_BB (s g_m - u_B) (for p = 1: nearest(u_j / s))."""
+    k = w.shape[0]
+    p = grid.shape[1]
     w = w.astype(np.float64)
     sig = sigma.astype(np.float64)
-    lv = grid[:, 0].astype(np.float64)
+    gr = grid.astype(np.float64)
     sr = np.repeat(scales, g, axis=0).astype(np.float64)
     codes = np.asarray(codes).copy()
+    r = w - np.asarray(dequantize_codes(codes, grid, scales, g), np.float64)
     for _ in range(sweeps):
-        for j in range(w.shape[0]):
-            r = w - lv[codes] * sr
-            u = w[j] + (sig[:, j] @ r - sig[j, j] * r[j]) / sig[j, j]
-            codes[j] = np.argmin(np.abs(u[None, :] / sr[j][None, :] - lv[:, None]), axis=0)
+        for j in range(k // p):
+            b = slice(j * p, (j + 1) * p)
+            a = sig[b, b]
+            u = w[b] + np.linalg.solve(a, sig[b] @ r - a @ r[b])  # (p, N)
+            d = gr[None, :, :] * sr[b].T[:, None, :] - u.T[:, None, :]  # (N, n, p)
+            codes[j] = np.argmin(np.einsum("cnp,pq,cnq->cn", d, a, d), axis=1)
+            r[b] = w[b] - gr[codes[j]].T * sr[b]
     return codes
 
 
-@pytest.mark.parametrize("grid_name", ["lloyd4_p1", "int_p1"])
-def test_quantease_p1_is_the_literal_update(grid_name):
-    w, sigma, grid, scales = make_problem(grid_name, "outliers")
+@pytest.mark.parametrize(
+    "grid_name,k",
+    [
+        ("lloyd4_p1", 128),
+        ("int_p1", 128),
+        ("kmeans16_p2", 128),
+        ("int_p1", 384),
+        ("kmeans16_p2", 384),
+    ],
+)
+def test_quantease_is_the_literal_update(grid_name, k):
+    """K = 384 spans three lazy batches of 128 rows."""
+    w, sigma, grid, scales = make_problem(grid_name, "outliers", k=k)
     init = rounding_codes(w, grid, scales, G)
+    sweeps = SWEEPS if k == K else 2
     codes, _, _ = quantease_quantize(
-        w, sigma, grid=grid, scales=scales, group_size=G, num_sweeps=SWEEPS, init_codes=init
+        w, sigma, grid=grid, scales=scales, group_size=G, num_sweeps=sweeps, init_codes=init
     )
-    ref = literal_quantease_p1(w, sigma, grid, scales, G, init, SWEEPS)
+    ref = literal_quantease(w, sigma, grid, scales, G, init, sweeps)
     assert np.mean(np.asarray(codes) == ref) >= 0.99
 
 

@@ -19,8 +19,9 @@ candidate replaces the current code only if it scores strictly lower, so f never
 point of u_j (QuantEase exactly); for p > 1 it is the A-metric nearest point, which is what makes the
 step an exact block minimisation (Euclidean nearest rounding of u_B would not be monotone).
 
-After each block, ``P -= Sigma[:, B] @ delta_B`` (O(K p N)), so one sweep costs O(K^2 N) like one
-GPTQ pass; P is recomputed exactly at the start of every sweep so rounding does not accumulate.
+After each block, ``P -= Sigma[:, B] @ delta_B``, so one sweep costs O(K^2 N) like one GPTQ pass;
+the update is applied lazily per batch of up to 128 rows (only the batch's rows of P are read inside
+it). P is recomputed exactly at the start of every sweep so rounding does not accumulate.
 
 Outlier-aware variant: minimise tr(E^T Sigma E), E = W_hat + S - W, over codes and a k-sparse S
 (k = round(fraction * K * N), full precision). After the plain sweeps, alternate ``outlier_iters``
@@ -88,10 +89,24 @@ class QuantEaseInfo:
     outlier_lambda: jax.Array | None
 
 
+def _batch_blocks(k: int, p: int, max_rows: int = 128) -> int:
+    """Blocks per lazy batch: the largest divisor of K/p with at most max_rows rows."""
+    m = k // p
+    return max(d for d in range(1, max(1, max_rows // p) + 1) if m % d == 0)
+
+
 def _sweep(target, sigma, grid, scale_rows, codes, *, p):
-    """One cyclic sweep over the K/p blocks. Returns (codes, objective before sweep, changed)."""
+    """One cyclic sweep over the K/p blocks. Returns (codes, objective before sweep, changed).
+
+    Lazy batches (as in GPTQ): within a batch of rows only the batch's own rows of P = Sigma R are
+    updated after each block (they are the only ones read there); the rest of P gets the batch's
+    accumulated change in one matmul. Same result as updating all of P after every block, with one
+    (K, rows) x (rows, N) matmul per batch instead of K/p memory-bound rank-p updates.
+    """
     k, n_cols = target.shape
     gq = grid  # (n, p)
+    nb = _batch_blocks(k, p)
+    rows = nb * p
 
     def deq(c, s):  # codes (N,), scales (N,) -> (p, N)
         return gq[c].T * s
@@ -101,29 +116,44 @@ def _sweep(target, sigma, grid, scale_rows, codes, *, p):
     pr = _mm(sigma, r)
     f0 = jnp.sum(r * pr)
 
-    def body(j, c):
+    def batch_body(b, c):
         pr, codes, changed = c
-        r0 = j * p
-        a = lax.dynamic_slice(sigma, (r0, r0), (p, p))
-        scol = lax.dynamic_slice(sigma, (0, r0), (k, p))
-        pb = lax.dynamic_slice(pr, (r0, 0), (p, n_cols))
-        s = lax.dynamic_slice(scale_rows, (r0, 0), (1, n_cols))[0]
-        cur = lax.dynamic_slice(codes, (j, 0), (1, n_cols))[0]
-        cur_v = deq(cur, s)
-        au = pb + _mm(a, cur_v)  # A u_B, (p, N)
-        ga = _mm(gq, a)  # (n, p)
-        qd = jnp.sum(ga * gq, axis=1)  # g_m^T A g_m
-        score = (s * s)[None, :] * qd[:, None] - 2.0 * s[None, :] * _mm(gq, au)  # (n, N)
-        best = jnp.argmin(score, axis=0).astype(jnp.int32)
-        best_score = jnp.min(score, axis=0)
-        cur_score = jnp.take_along_axis(score, cur[None], axis=0)[0]
-        new = jnp.where(best_score < cur_score, best, cur)
-        delta = deq(new, s) - cur_v  # change of W_hat_B; R_B -= delta
-        pr = pr - _mm(scol, delta)
-        codes = lax.dynamic_update_slice(codes, new[None], (j, 0))
-        return pr, codes, changed + jnp.sum(new != cur)
+        b0 = b * rows
+        sig_bb = lax.dynamic_slice(sigma, (b0, b0), (rows, rows))
+        pbat = lax.dynamic_slice(pr, (b0, 0), (rows, n_cols))
+        sbat = lax.dynamic_slice(scale_rows, (b0, 0), (rows, n_cols))
+        cbat = lax.dynamic_slice(codes, (b * nb, 0), (nb, n_cols))
 
-    _, codes, changed = lax.fori_loop(0, k // p, body, (pr, codes, jnp.int32(0)))
+        def body(t, c):
+            pbat, cbat, dbat, changed = c
+            r0 = t * p
+            a = lax.dynamic_slice(sig_bb, (r0, r0), (p, p))
+            scol = lax.dynamic_slice(sig_bb, (0, r0), (rows, p))
+            pb = lax.dynamic_slice(pbat, (r0, 0), (p, n_cols))
+            s = lax.dynamic_slice(sbat, (r0, 0), (1, n_cols))[0]
+            cur = lax.dynamic_slice(cbat, (t, 0), (1, n_cols))[0]
+            cur_v = deq(cur, s)
+            au = pb + _mm(a, cur_v)  # A u_B, (p, N)
+            ga = _mm(gq, a)  # (n, p)
+            qd = jnp.sum(ga * gq, axis=1)  # g_m^T A g_m
+            score = (s * s)[None, :] * qd[:, None] - 2.0 * s[None, :] * _mm(gq, au)  # (n, N)
+            best = jnp.argmin(score, axis=0).astype(jnp.int32)
+            best_score = jnp.min(score, axis=0)
+            cur_score = jnp.take_along_axis(score, cur[None], axis=0)[0]
+            new = jnp.where(best_score < cur_score, best, cur)
+            delta = deq(new, s) - cur_v  # change of W_hat_B; R_B -= delta
+            pbat = pbat - _mm(scol, delta)
+            dbat = lax.dynamic_update_slice(dbat, delta, (r0, 0))
+            cbat = lax.dynamic_update_slice(cbat, new[None], (t, 0))
+            return pbat, cbat, dbat, changed + jnp.sum(new != cur)
+
+        init = (pbat, cbat, jnp.zeros((rows, n_cols), jnp.float32), changed)
+        _, cbat, dbat, changed = lax.fori_loop(0, nb, body, init)
+        pr = pr - _mm(lax.dynamic_slice(sigma, (0, b0), (k, rows)), dbat)
+        codes = lax.dynamic_update_slice(codes, cbat, (b * nb, 0))
+        return pr, codes, changed
+
+    _, codes, changed = lax.fori_loop(0, k // rows, batch_body, (pr, codes, jnp.int32(0)))
     return codes, f0, changed
 
 
