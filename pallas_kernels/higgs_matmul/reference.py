@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.higgs_matmul.repack import repack, unpack_kernel_words
-from pallas_kernels.higgs_matmul.wrapper import rotate_activations
+from pallas_kernels.higgs_matmul.wrapper import apply_outliers, rotate_activations
 
 
 def decode_rotated(kw) -> jax.Array:
@@ -25,6 +25,7 @@ def higgs_matmul_reference(x: jax.Array, w, bias: jax.Array | None = None) -> ja
     lead = x.shape[:-1]
     x2 = x.reshape(-1, kw.K)
     y = jnp.matmul(rotate_activations(x2, kw), decode_rotated(kw), precision=jax.lax.Precision.HIGHEST)
+    y = apply_outliers(kw, x2, y)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype).reshape(lead + (kw.N,))

@@ -41,7 +41,7 @@ def code_parts(code_bits: int) -> tuple[int, ...]:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["words", "scales", "signs"],
+    data_fields=["words", "scales", "signs", "outlier_rows", "outlier_cols", "outlier_values"],
     meta_fields=[
         "shape",
         "dtype",
@@ -59,6 +59,8 @@ class KernelPackedWeight:
 
     Invariant: ``words.shape == (U, cb, N)`` with ``U = ceil(k_pad / p / 32)``,
     ``scales.shape == (k_pad // group_size, N)``, ``signs`` is None or ``(k_pad,)``,
+    optional sparse outliers ``W[outlier_rows[i], outlier_cols[i]] += outlier_values[i]`` (in W's
+    unrotated domain, as in `HiggsTensor`),
     ``grid_values`` is a tuple of n tuples of p floats (the grid the codes index), and
     ``Wrot[k, c] = grid_values[code(k // p, c)][k % p] * scales[k // g, c]`` as for `HiggsTensor`.
     """
@@ -74,6 +76,9 @@ class KernelPackedWeight:
     hadamard_size: int
     group_size: int
     k_pad: int
+    outlier_rows: jax.Array | None = None
+    outlier_cols: jax.Array | None = None
+    outlier_values: jax.Array | None = None
 
     @property
     def K(self) -> int:  # noqa: N802 - glossary name
@@ -153,6 +158,7 @@ def from_arrays(
     hadamard_size: int = 1,
     signs: jax.Array | None = None,
     dtype: str = "bfloat16",
+    outliers: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> KernelPackedWeight:
     """Builds the kernel layout from raw arrays in the `HiggsTensor` layout (docs/ARCHITECTURE.md).
 
@@ -197,6 +203,9 @@ def from_arrays(
         hadamard_size=int(hadamard_size),
         group_size=int(group_size),
         k_pad=int(k_pad),
+        outlier_rows=None if outliers is None else outliers[0],
+        outlier_cols=None if outliers is None else outliers[1],
+        outlier_values=None if outliers is None else outliers[2],
     )
 
 
@@ -225,4 +234,9 @@ def repack(qt) -> KernelPackedWeight:
         hadamard_size=qt.hadamard_size,
         signs=qt.signs,
         dtype=qt.dtype,
+        outliers=(
+            None
+            if getattr(qt, "outlier_values", None) is None
+            else (qt.outlier_rows, qt.outlier_cols, qt.outlier_values)
+        ),
     )

@@ -88,6 +88,14 @@ def rotate_activations(x2: jax.Array, kw: KernelPackedWeight) -> jax.Array:
     return x
 
 
+def apply_outliers(kw: KernelPackedWeight, x2: jax.Array, y: jax.Array) -> jax.Array:
+    """y (M, N) f32 + x2 @ S for the sparse full-precision outliers S (unrotated domain)."""
+    if kw.outlier_values is None:
+        return y
+    contrib = x2[:, kw.outlier_rows].astype(jnp.float32) * kw.outlier_values.astype(jnp.float32)
+    return y.at[:, kw.outlier_cols].add(contrib)
+
+
 def resolve_decode(decode: str, kw: KernelPackedWeight) -> tuple[str, tuple[float, ...]]:
     """Chooses the decoder ("auto") and returns it with its polynomial coefficients (if any)."""
     mags = _kernel.symmetric_magnitudes(kw.grid_values) if kw.p == 1 else None
@@ -179,6 +187,7 @@ def _higgs_matmul(x, w, bias, config, interpret):
     x2 = x.reshape(m, kw.K)
     cfg = config or default_config(m, kw.K, kw.N, kw.p, kw.code_bits / kw.p)
     y = _launch(rotate_activations(x2, kw), kw, cfg, m, x.dtype, interpret)
+    y = apply_outliers(kw, x2, y)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype).reshape(lead + (kw.N,))
