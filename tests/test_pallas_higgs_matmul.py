@@ -197,6 +197,18 @@ def test_rotation_signs_and_outliers():
     assert rel_err(y, higgs_matmul_reference(x, w)) < 1e-5
 
 
+def test_fallback_fwht_is_sylvester():
+    from pallas_kernels.higgs_matmul.wrapper import _block_fwht
+
+    h = 16
+    sylv = np.array([[1.0]])
+    while sylv.shape[0] < h:
+        sylv = np.block([[sylv, sylv], [sylv, -sylv]])
+    x = np.random.default_rng(0).normal(size=(3, 2 * h)).astype(np.float32)
+    want = np.concatenate([x[:, :h] @ sylv, x[:, h:] @ sylv], axis=1) / np.sqrt(h)
+    np.testing.assert_allclose(np.asarray(_block_fwht(jnp.asarray(x), h)), want, rtol=1e-5, atol=1e-5)
+
+
 def test_leading_axes_and_jit():
     w = make_weight(64, 16, 1, 4)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 1, 64)), jnp.float32)

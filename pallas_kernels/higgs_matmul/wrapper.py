@@ -74,15 +74,41 @@ def can_use_pallas(x: jax.Array, w) -> tuple[bool, str]:
     return (not problems, "; ".join(problems) or "ok")
 
 
+def _block_fwht(x: jax.Array, h: int) -> jax.Array:
+    """Orthonormal Sylvester Hadamard on blocks of h (a power of two) along the last axis.
+
+    Fallback used only when `higgs_jax.hadamard` cannot be imported; same matrix (natural order).
+    """
+    if h & (h - 1):
+        raise ValueError(f"hadamard_size={h} is not a power of two and higgs_jax is unavailable")
+    lead, k = x.shape[:-1], x.shape[-1]
+    y = x.reshape(lead + (k // h, h))
+    s = 1
+    while s < h:
+        y = y.reshape(lead + (k // h, h // (2 * s), 2, s))
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = jnp.stack([a + b, a - b], axis=-2)
+        s *= 2
+    return y.reshape(lead + (k,)) * np.float32(1 / np.sqrt(h))
+
+
 def rotate_activations(x2: jax.Array, kw: KernelPackedWeight) -> jax.Array:
     """(M, K) -> (M, K_pad) float32: pad, random signs, block Hadamard (normalised)."""
     x = x2.astype(jnp.float32)
     if kw.k_pad != kw.K:
         x = jnp.pad(x, [(0, 0), (0, kw.k_pad - kw.K)])
     if kw.hadamard_size > 1:
-        from higgs_jax import hadamard  # lazy: only rotated weights need it
-
-        x = hadamard.block_hadamard(x, kw.hadamard_size, axis=-1, normalize=True, signs=kw.signs)
+        try:
+            from higgs_jax import hadamard  # lazy: only rotated weights need it
+        except ImportError:
+            hadamard = None
+        if hadamard is not None:
+            return hadamard.block_hadamard(
+                x, kw.hadamard_size, axis=-1, normalize=True, signs=kw.signs
+            )
+        if kw.signs is not None:
+            x = x * kw.signs.astype(x.dtype)
+        return _block_fwht(x, kw.hadamard_size)
     elif kw.signs is not None:
         x = x * kw.signs.astype(x.dtype)
     return x

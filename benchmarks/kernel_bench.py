@@ -1,0 +1,328 @@
+"""Benchmark of the Pallas HIGGS matmul against bf16 baselines (standalone script).
+
+Checks correctness first (kernel vs plain-jnp reference on random weights), then times every
+contender the same way and prints one short table last. Writes JSON (+ a markdown table) to
+$OUT (if set) and to --results-dir.
+
+Contenders per (K, N, M): jnp.dot bf16 (XLA), PyTorch bf16 matmul (cuBLAS, if torch is
+installed), XLA dequantize-then-dot (4-bit p=2), and our kernel for every (p, bits), timed as the
+full op (rotation + LUT matmul) and as the kernel alone (pre-rotated activations).
+
+Timing: JAX device time = R back-to-back calls in one jitted fori_loop / R (see
+`pallas_kernels.higgs_matmul.autotune.time_device`), cycling through copies of the weights so
+that they are not served from L2; PyTorch: CUDA graph of R calls (same copies) timed with CUDA
+events. Copy bandwidth: PyTorch device-to-device copy of 1 GiB, (read + write) / time.
+
+Usage: PYTHONPATH=. python benchmarks/kernel_bench.py [--mode explore|full] [--budget-s 420]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _compat
+from pallas_kernels.higgs_matmul import (
+    Config,
+    KernelPackedWeight,
+    default_config,
+    higgs_matmul_pallas,
+    higgs_matmul_reference,
+)
+from pallas_kernels.higgs_matmul import wrapper as _wrapper
+from pallas_kernels.higgs_matmul.autotune import time_device, time_host_call
+from pallas_kernels.higgs_matmul.reference import decode_rotated
+from pallas_kernels.higgs_matmul.repack import SUPPORTED
+
+SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (8192, 28672)]
+MS = [1, 4, 16, 64]
+GRIDS = [(1, 4), (1, 8), (1, 16), (2, 16), (2, 64), (2, 256)]  # (p, n): bits = log2(n)/p
+H = 512  # Hadamard block (HF default); one bf16 scale per block (g = h)
+L2_DEFEAT_BYTES = 150e6
+
+
+def lloyd_1d(n: int, iters: int = 300) -> np.ndarray:
+    """Lloyd-Max levels of N(0,1) (for timing only; the project's grids live in higgs_jax.grids)."""
+    from math import erf, exp, pi, sqrt
+
+    pdf = lambda t: exp(-t * t / 2) / sqrt(2 * pi)  # noqa: E731
+    cdf = lambda t: 0.5 * (1 + erf(t / sqrt(2)))  # noqa: E731
+    c = np.linspace(-2, 2, n)
+    for _ in range(iters):
+        b = [-np.inf] + list((c[1:] + c[:-1]) / 2) + [np.inf]
+        c = np.array([
+            (pdf(b[i]) - pdf(b[i + 1])) / max(cdf(b[i + 1]) - cdf(b[i]), 1e-300)
+            if np.isfinite(b[i]) or np.isfinite(b[i + 1]) else 0.0
+            for i in range(n)
+        ])
+    return c
+
+
+def grid_values(p: int, n: int) -> tuple:
+    if p == 1:
+        return tuple((float(v),) for v in lloyd_1d(n))
+    rng = np.random.default_rng(n)
+    return tuple(tuple(float(v) for v in row) for row in rng.normal(size=(n, 2)))
+
+
+def random_weight(key, k: int, n_cols: int, p: int, n: int) -> KernelPackedWeight:
+    """Random codes straight in the kernel layout (any bit pattern is a valid code)."""
+    cb = SUPPORTED[(p, n)]
+    k_pad = -(-k // H) * H
+    units = -(-(k_pad // p) // 32)
+    k1, k2 = jax.random.split(key)
+    words = jax.random.bits(k1, (units, cb, n_cols), jnp.uint32)
+    scales = jax.random.uniform(k2, (k_pad // H, n_cols), jnp.float32, 0.5, 1.5).astype(jnp.bfloat16)
+    return KernelPackedWeight(words=words, scales=scales, signs=None, shape=(k, n_cols),
+                              dtype="bfloat16", p=p, n=n, grid_values=grid_values(p, n),
+                              hadamard_size=H, group_size=H, k_pad=k_pad)
+
+
+def n_copies(nbytes: int) -> int:
+    return int(min(8, max(2, math.ceil(L2_DEFEAT_BYTES / max(nbytes, 1)))))
+
+
+def copy_bandwidth_torch() -> float | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(10):
+        b.copy_(a)
+    e.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (s.elapsed_time(e) / 1e3)
+
+
+def torch_matmul_time(m: int, k: int, n: int, reps: int = 100) -> float | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    copies = n_copies(k * n * 2)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(k, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    outs = [None] * copies
+    for i in range(copies):
+        outs[i] = x @ ws[i]
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    inner = max(1, reps // copies)
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            for i in range(copies):
+                outs[i] = x @ ws[i]
+    g.replay()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    g.replay()
+    e.record()
+    torch.cuda.synchronize()
+    t = s.elapsed_time(e) / 1e3 / (inner * copies)
+    del ws, outs, g
+    torch.cuda.empty_cache()
+    return t
+
+
+def weight_bytes(kw: KernelPackedWeight) -> int:
+    return kw.words.size * 4 + kw.scales.size * 2
+
+
+def correctness(cases, interpret: bool) -> list[dict]:
+    out = []
+    for (p, n), m, decode in cases:
+        kw = random_weight(jax.random.key(p * 1000 + n + m), 1536, 384, p, n)
+        x = jax.random.normal(jax.random.key(m), (m, 1536), jnp.bfloat16)
+        cfg = dataclasses.replace(default_config(m, 1536, 384, p, 0), decode=decode)
+        y = higgs_matmul_pallas(x, kw, config=cfg, interpret=interpret)
+        r = higgs_matmul_reference(x.astype(jnp.float32), kw)
+        err = float(jnp.linalg.norm(y.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+        out.append(dict(p=p, n=n, m=m, decode=decode, path=cfg.path, rel_err=err, ok=err < 2e-2))
+        print(f"check p={p} n={n:3d} M={m:3d} {cfg.path:3s} {decode:11s} rel_err={err:.2e}"
+              f" {'OK' if err < 2e-2 else 'FAIL'}", flush=True)
+    return out
+
+
+def kernel_only_fn(kw_cfg):
+    cfg, m = kw_cfg
+
+    def f(xr, kw):
+        return _wrapper._launch(xr, kw, cfg, m, jnp.bfloat16, False)
+
+    return f
+
+
+def bench_entry(k, n_cols, m, p, n, cfg, reps, key, with_kernel_only=True):
+    kw0 = random_weight(key, k, n_cols, p, n)
+    copies = n_copies(weight_bytes(kw0))
+    kws = [kw0] + [random_weight(jax.random.fold_in(key, i), k, n_cols, p, n) for i in range(1, copies)]
+    x = jax.random.normal(jax.random.fold_in(key, 99), (m, k), jnp.bfloat16)
+    t_full = time_device(lambda a, w: higgs_matmul_pallas(a, w, config=cfg), x, kws, reps)
+    res = dict(t_full=t_full, copies=copies, weight_bytes=weight_bytes(kw0))
+    if with_kernel_only:
+        xr = _wrapper.rotate_activations(x, kw0)
+        res["t_kernel"] = time_device(kernel_only_fn((cfg, m)), xr, kws, reps)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["explore", "full", "smoke"], default="full")
+    ap.add_argument("--budget-s", type=float, default=420)
+    ap.add_argument("--reps", type=int, default=64)
+    ap.add_argument("--results-dir", default="benchmarks/results")
+    ap.add_argument("--tag", default="kernels")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    out_dir = Path(os.environ.get("OUT") or args.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = jax.devices()[0]
+    on_gpu = dev.platform == "gpu"
+    meta = dict(date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                device=str(getattr(dev, "device_kind", dev.platform)), jax=jax.__version__,
+                command="PYTHONPATH=. python " + " ".join(sys.argv), mode=args.mode)
+    print(meta, flush=True)
+    results = dict(meta=meta, checks=[], rows=[])
+    out_json = out_dir / f"{args.tag}_{args.mode}.json"
+
+    def save():
+        out_json.write_text(json.dumps(results, indent=1))
+
+    def left() -> float:
+        return args.budget_s - (time.time() - t_start)
+
+    # 1. correctness on this device, every decoder
+    cases = [((p, n), m, d) for (p, n) in GRIDS for m in (1, 16) for d in ("auto",)]
+    cases += [((1, n), 1, d) for n in (4, 8, 16) for d in ("poly", "select", "gather")]
+    cases += [((2, n), 1, d) for n in (16, 64, 256) for d in ("gather", "gather_pair")]
+    cases += [((2, 16), 1, "select")]
+    if args.mode == "smoke":
+        cases = cases[:3]
+    results["checks"] = correctness(cases, interpret=not on_gpu)
+    save()
+    if not on_gpu:
+        print("no GPU: correctness only")
+        return 0
+
+    bw = copy_bandwidth_torch()
+    results["meta"]["copy_bw"] = bw
+    print(f"copy bandwidth (torch, read+write): {bw / 1e12:.2f} TB/s" if bw else "no torch", flush=True)
+
+    rows = results["rows"]
+
+    def add(row):
+        rows.append(row)
+        save()
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
+
+    key = jax.random.key(0)
+    if args.mode == "explore":
+        # decoder x split-K x block sweep at M = 1 on the two largest 8B shapes
+        for (k, n_cols) in [(4096, 14336), (8192, 28672)]:
+            for (p, n) in GRIDS:
+                decs = ["poly", "select", "gather"] if p == 1 else ["gather", "gather_pair"] + (["select"] if n == 16 else [])
+                base = default_config(1, k, n_cols, p, 0)
+                variants = [dataclasses.replace(base, decode=d) for d in decs]
+                for cfg in variants:
+                    if left() < 20:
+                        break
+                    try:
+                        r = bench_entry(k, n_cols, 1, p, n, cfg, args.reps, key, with_kernel_only=False)
+                        add(dict(K=k, N=n_cols, M=1, p=p, n=n, cfg=str(cfg.decode), split=cfg.split_k,
+                                 bn=cfg.block_n, bk=cfg.block_k, us=r["t_full"] * 1e6,
+                                 gbs=r["weight_bytes"] / r["t_full"] / 1e9))
+                    except Exception as e:  # noqa: BLE001
+                        add(dict(K=k, N=n_cols, p=p, n=n, cfg=cfg.decode, error=repr(e)[:200]))
+        return 0
+
+    # full table
+    table = []
+    for (k, n_cols) in SHAPES:
+        for m in MS:
+            if left() < 30:
+                print("budget exhausted; stopping")
+                break
+            entry = dict(K=k, N=n_cols, M=m)
+            entry["torch_us"] = (torch_matmul_time(m, k, n_cols, args.reps) or float("nan")) * 1e6
+            wb = [jax.random.normal(jax.random.fold_in(key, i), (k, n_cols), jnp.bfloat16)
+                  for i in range(n_copies(k * n_cols * 2))]
+            x = jax.random.normal(key, (m, k), jnp.bfloat16)
+            entry["jnp_dot_us"] = time_device(lambda a, w: jnp.dot(a, w), x, wb, args.reps) * 1e6
+            del wb
+            kw4 = random_weight(key, k, n_cols, 2, 256)
+
+            def deq_dot(a, w):
+                xr = _wrapper.rotate_activations(a, w).astype(jnp.bfloat16)
+                return jnp.dot(xr, decode_rotated(w).astype(jnp.bfloat16))
+
+            entry["xla_deq_dot_4b_us"] = time_device(deq_dot, x, [kw4], max(4, args.reps // 8)) * 1e6
+            for (p, n) in GRIDS:
+                cfg = default_config(m, k, n_cols, p, 0)
+                tag = f"p{p}_b{int(math.log2(n)) // p}"
+                try:
+                    r = bench_entry(k, n_cols, m, p, n, cfg, args.reps, jax.random.fold_in(key, p * n))
+                    entry[f"{tag}_us"] = r["t_full"] * 1e6
+                    entry[f"{tag}_kernel_us"] = r["t_kernel"] * 1e6
+                    bytes_moved = r["weight_bytes"] + m * k * 2 + m * n_cols * 2
+                    entry[f"{tag}_bw_frac"] = bytes_moved / r["t_full"] / bw if bw else float("nan")
+                except Exception as e:  # noqa: BLE001
+                    entry[f"{tag}_error"] = repr(e)[:300]
+                    traceback.print_exc()
+            add(entry)
+            table.append(entry)
+    # host dispatch overhead, one representative call
+    kw = random_weight(key, 4096, 4096, 1, 16)
+    x = jax.random.normal(key, (1, 4096), jnp.bfloat16)
+    host = time_host_call(lambda a, w: higgs_matmul_pallas(a, w), x, kw)
+    dev_t = time_device(lambda a, w: higgs_matmul_pallas(a, w), x, [kw], args.reps)
+    results["meta"]["host_call_us"] = host * 1e6
+    results["meta"]["device_us_same_call"] = dev_t * 1e6
+    save()
+
+    lines = [f"# HIGGS Pallas kernel benchmark ({meta['date']}, {meta['device']}, jax {meta['jax']})",
+             f"command: `{meta['command']}`; copy bandwidth {bw / 1e12:.2f} TB/s (torch, read+write); "
+             f"host dispatch of one jitted call (4096x4096, M=1): {host * 1e6:.0f} us wall vs "
+             f"{dev_t * 1e6:.1f} us device", "",
+             "times in us (device); xN = speed-up vs torch bf16; bw = (codes+scales+x+y bytes)/time / copy BW", "",
+             "| K x N | M | torch | jnp.dot | deq+dot 4b | " + " | ".join(
+                 f"p{p} {int(math.log2(n)) // p}b" for p, n in GRIDS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(GRIDS)]
+    for e in table:
+        cells = []
+        for (p, n) in GRIDS:
+            tag = f"p{p}_b{int(math.log2(n)) // p}"
+            if f"{tag}_us" in e:
+                cells.append(f"{e[f'{tag}_us']:.1f} ({e['torch_us'] / e[f'{tag}_us']:.2f}x, "
+                             f"bw {e[f'{tag}_bw_frac']:.0%})")
+            else:
+                cells.append("err")
+        lines.append(f"| {e['K']}x{e['N']} | {e['M']} | {e['torch_us']:.1f} | {e['jnp_dot_us']:.1f} | "
+                     f"{e['xla_deq_dot_4b_us']:.1f} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines)
+    (out_dir / f"{args.tag}.md").write_text(md + "\n")
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
