@@ -112,6 +112,9 @@ def linear(
     """``x @ kernel + bias`` for a Flax (in, out) kernel that is an array or a `HiggsTensor`."""
     if isinstance(kernel, HiggsTensor):
         return higgs_matmul(x, kernel, bias, implementation=implementation)
+    if type(kernel).__name__ == "KernelPackedWeight":  # repacked once for the GPU kernel
+        module = _pallas_module()
+        return module.higgs_matmul_pallas(x, kernel, bias=bias)
     y = jnp.matmul(x, kernel.astype(x.dtype))
     if bias is not None:
         y = y + bias.astype(y.dtype)
