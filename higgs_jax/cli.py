@@ -28,9 +28,11 @@ Typical use:
 
 def _add_quant_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("quantization")
-    g.add_argument("--method", choices=["higgs", "rtn", "nf4"], default="higgs",
+    g.add_argument("--method", choices=["higgs", "rtn", "nf4", "gptq", "quantease"],
+                   default="higgs",
                    help="higgs (rotation + Gaussian grid, default), rtn (absmax integer grid), "
-                        "nf4 (bitsandbytes levels)")
+                        "nf4 (bitsandbytes levels); data-aware on the --base spec's grid and "
+                        "scales (needs --calib): gptq (HIGGS+GPTQ), quantease (coordinate descent)")
     g.add_argument("--bits", type=float, default=4,
                    help="bits per weight of the grid, scales not included (default 4)")
     g.add_argument("--p", type=int, default=2, help="HIGGS grid dimension 1..4 (default 2)")
@@ -50,6 +52,34 @@ def _add_quant_args(ap: argparse.ArgumentParser) -> None:
                         "(repeatable; default: embeddings and lm_head)")
     g.add_argument("--include", default=r"(^|/)kernel$", metavar="REGEX",
                    help="quantize 2-D parameters whose path matches REGEX (default: every kernel)")
+    w = ap.add_argument_group("data-aware methods (--method gptq | quantease)")
+    w.add_argument("--base", choices=["higgs", "rtn", "nf4"], default="higgs",
+                   help="data-free spec whose grid, rotation and scales gptq/quantease keep "
+                        "(built from --bits/--p/--hadamard-size/--group-size; default higgs)")
+    w.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibration text (default: the workspace's WikiText-2 validation text "
+                        "if present; never use your evaluation split)")
+    w.add_argument("--calib-samples", type=int, default=128,
+                   help="calibration windows (distinct random starts, default 128)")
+    w.add_argument("--calib-seqlen", type=int, default=2048,
+                   help="tokens per calibration window (default 2048, capped at the model's "
+                        "max_position_embeddings)")
+    w.add_argument("--calib-seed", type=int, default=0, help="seed of the window starts")
+    w.add_argument("--calib-batch", type=int, default=8, help="windows per forward pass")
+    w.add_argument("--sequential", choices=["layer", "block", "none"], default="layer",
+                   help="layer: each linear layer sees the outputs of already-quantized earlier "
+                        "layers (default); block: at block granularity; none: fp statistics")
+    w.add_argument("--sigma-cache", default=None, metavar="DIR",
+                   help="load Sigma = X^T X from DIR if present (metadata must match), else "
+                        "compute and save it there")
+    w.add_argument("--damp", type=float, default=0.01,
+                   help="GPTQ dampening, fraction of mean(diag Sigma) (default 0.01)")
+    w.add_argument("--sweeps", type=int, default=20, help="QuantEase sweeps (default 20)")
+    w.add_argument("--init", choices=["gptq", "rtn"], default="gptq",
+                   help="QuantEase warm start (default gptq)")
+    w.add_argument("--outliers", type=float, default=None, metavar="FRACTION",
+                   help="QuantEase: keep this fraction of weights (e.g. 0.01) as full-precision "
+                        "sparse outliers (stored, counted in bits/weight)")
     d = ap.add_argument_group("dynamic bitwidths (linearity theorem + DP)")
     d.add_argument("--dynamic", action="store_true",
                    help="treat --bits as an average budget in bits/weight (scales included) and "
@@ -74,6 +104,27 @@ def spec_from_args(args):
     if args.bits != 4:
         raise ValueError(f"NF4 is 4-bit; --bits {args.bits} is not valid with --method nf4")
     return NF4Config(block_size=args.group_size or 64)
+
+
+DATAWISE_METHODS = ("gptq", "quantease")
+
+
+def datawise_wrapper(args):
+    """spec -> GPTQConfig / QuantEaseConfig(spec, ...) from the data-aware arguments."""
+    from higgs_jax.datawise.specs import GPTQConfig, QuantEaseConfig
+
+    if args.method == "gptq":
+        if args.outliers is not None:
+            raise ValueError("--outliers needs --method quantease")
+        return lambda base: GPTQConfig(base, damp=args.damp)
+    return lambda base: QuantEaseConfig(base, num_sweeps=args.sweeps, init=args.init,
+                                        outlier_fraction=args.outliers, damp=args.damp)
+
+
+def datawise_spec_from_args(args):
+    """The data-aware spec of --method gptq/quantease around the --base spec."""
+    base = spec_from_args(argparse.Namespace(**{**vars(args), "method": args.base}))
+    return datawise_wrapper(args)(base)
 
 
 def rules_from_args(args, spec):
@@ -144,6 +195,8 @@ def cmd_quantize(args) -> int:
     from higgs_jax.checkpoints.orbax import save_params
     from higgs_jax.params import quantize_params
 
+    if args.method in DATAWISE_METHODS:
+        return _quantize_datawise_cmd(args)
     if args.dynamic:
         from higgs_jax.config import HiggsConfig
 
@@ -175,6 +228,76 @@ def cmd_quantize(args) -> int:
     report_path.write_text(report.to_json())
     print(report.table())
     print(f"quantized in {seconds:.1f}s; checkpoint {out}; report {report_path}")
+    return 0
+
+
+def _quantize_datawise_cmd(args) -> int:
+    """cmd_quantize for --method gptq | quantease: calibration text -> sequential quantization."""
+    import dataclasses
+
+    import jax
+
+    from higgs_jax.checkpoints.orbax import save_params
+    from higgs_jax.datawise.calibration import default_calibration_file
+    from higgs_jax.datawise.pipeline import datawise_plan, quantize_params_datawise
+    from higgs_jax.evaluate import tokenize_text
+    from higgs_jax.tokenizer import load_tokenizer
+
+    if args.dynamic and args.base != "higgs":
+        raise ValueError(f"--dynamic works with --base higgs, got --base {args.base}")
+    wrap = datawise_wrapper(args)
+    if args.dynamic:
+        from higgs_jax.config import HiggsConfig
+
+        dyn_base = HiggsConfig(bits=4, p=args.p, hadamard_size=args.hadamard_size)
+        wrap(dyn_base)  # validates the data-aware arguments before any loading
+    else:
+        spec = datawise_spec_from_args(args)
+    calib = Path(args.calib) if args.calib else default_calibration_file()
+    if calib is None:
+        raise ValueError(f"--method {args.method} needs --calib FILE (calibration text, e.g. "
+                         "WikiText-2 validation; never the evaluation split)")
+    if not calib.is_file():
+        raise ValueError(f"calibration text {calib} does not exist")
+    params, config, tok_dir, _ = _load_any(args.model)
+    if config is None or tok_dir is None:
+        raise ValueError(f"--method {args.method} needs a model checkpoint with config and "
+                         f"tokenizer (HF directory, GGUF or higgs-jax checkpoint), got {args.model}")
+    tokens = tokenize_text(load_tokenizer(tok_dir, config), calib.read_text())
+    seqlen = min(args.calib_seqlen, config.max_position_embeddings)
+    sol = None
+    if args.dynamic:
+        rules = rules_from_args(args, dyn_base)
+        shim = argparse.Namespace(**{**vars(args), "method": "higgs"})
+        plan, sol = _dynamic_plan(shim, params, rules)
+        target = datawise_plan(plan, wrap)
+        spec_desc = f"dynamic {args.bits} bits, {args.method}"
+    else:
+        # Rule objects take plain specs only: the data-aware spec goes into a (regex, spec) tuple.
+        target = rules_from_args(args, spec.base)[:-1] + ((args.include, spec),)
+        spec_desc = spec.describe()
+    t0 = time.perf_counter()
+    qparams, report = quantize_params_datawise(
+        params, config, tokens, target, num_samples=args.calib_samples, seqlen=seqlen,
+        seed=args.calib_seed, key=jax.random.key(args.seed), progress=True,
+        cache_dir=args.sigma_cache, calib_source=str(calib), sequential=args.sequential,
+        batch_size=args.calib_batch)
+    seconds = time.perf_counter() - t0
+    meta = {"source": str(args.model), "spec": spec_desc, "report": report.summary(),
+            "quantize_seconds": seconds, "model_config": dataclasses.asdict(config)}
+    if sol is not None:
+        meta["dynamic"] = {"budget": args.bits, "predicted_dppl": float(sol.predicted),
+                           "avg_bits": float(sol.avg_bits)}
+    out = save_params(args.out, qparams, metadata=meta)
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        if (Path(tok_dir) / name).is_file():
+            shutil.copy(Path(tok_dir) / name, out / name)
+    report_path = Path(args.report) if args.report else out / "report.json"
+    report_path.write_text(report.to_json())
+    print(report.table())
+    print(f"quantized in {seconds:.1f}s (calibration passes "
+          f"{report.calibration['calibration_seconds']:.1f}s); checkpoint {out}; "
+          f"report {report_path}")
     return 0
 
 
