@@ -559,3 +559,56 @@ def test_packing_of_datawise_codes_roundtrips():
     np.testing.assert_array_equal(
         np.asarray(packing.pack_codes(codes, qt.code_bits)), np.asarray(qt.codes)
     )
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_on_tiny_model(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from higgs_jax.quickstart import default_model_dir, default_text_file
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2_datawise.py"
+    spec = importlib.util.spec_from_file_location("smollm2_datawise", script)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "smollm2_datawise", mod)  # dataclasses look themselves up
+    spec.loader.exec_module(mod)
+    text = str(default_text_file())
+    mod.main(
+        [
+            "--model",
+            str(default_model_dir()),
+            "--eval-text",
+            text,
+            "--calib-text",
+            text,
+            "--seqlen",
+            "256",
+            "--windows",
+            "2",
+            "--calib-samples",
+            "4",
+            "--calib-seqlen",
+            "128",
+            "--sweeps",
+            "2",
+            "--hadamard-size",
+            "64",
+            "--budgets",
+            "3",
+            "--families",
+            "rtn,higgs,gptq,quantease",
+            "--datawise-p",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    res = json.loads((tmp_path / "datawise.json").read_text())
+    methods = {r["method"] for r in res["rows"]}
+    assert {"fp32", "RTN 3b g128", "HIGGS p1 3b", "GPTQ p1 3b", "QuantEase p1 3b"} <= methods
+    assert all(math.isfinite(r["ppl"]) for r in res["rows"])
+    assert res["verdicts"] and res["verdicts"][0]["budget"] == "3"
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.split()[1] == "QuantEase"  # the table is printed last

@@ -158,6 +158,13 @@ def _prepare(w, sigma, signs, *, h, k_pad):
     return _rotate(w, h, signs), 0.5 * (s_rot + s_rot.T)
 
 
+@functools.partial(jax.jit, static_argnames=("h", "k_pad"))
+def _rotate_weight(w, signs, *, h, k_pad):
+    """R pad(W) only (Sigma_rot is unchanged between outlier rounds)."""
+    w = jnp.pad(w.astype(jnp.float32), ((0, k_pad - w.shape[0]), (0, 0)))
+    return _rotate(w, h, signs)
+
+
 @jax.jit
 def _errors(w, w_hat, sigma):
     """(||E||^2, ||W||^2, tr(E^T Sigma E), tr(W^T Sigma W)) in float32 (HIGHEST precision)."""
@@ -355,6 +362,7 @@ def quantize_datawise(
     qt = dataclasses.replace(qt0, codes=packed, **extra)
     qt.validate()
 
+    # Not jitted: the unrolled bit-unpacking compiles slowly and runs in a few dispatches anyway.
     w_hat = dequantize(qt, jnp.float32)
     w_hat0 = dequantize(qt0, jnp.float32)
     if qt.contraction_axis == 1:
@@ -387,7 +395,7 @@ def _outlier_rounds(wk, sigma, s_rot, codes, grid, scales, qt0, spec, num_outlie
     for _ in range(spec.outlier_iters):
         w_hat = _decode_original(codes, grid, scales, qt0.signs, group_size=g, h=h, k=k)
         s_mat, _, lam = _iht(wk, w_hat, s_mat, sigma, lam, k=num_outliers, steps=spec.iht_steps)
-        target, _ = _prepare(wk - s_mat, sigma, qt0.signs, h=h, k_pad=k_pad)
+        target = _rotate_weight(wk - s_mat, qt0.signs, h=h, k_pad=k_pad)
         codes, _, _ = quantease_quantize(
             target, s_rot, grid=grid, scales=scales, group_size=g, num_sweeps=1, init_codes=codes
         )
