@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ def quality_contenders():
     out = []
     for p, bits_list in ((1, (2, 3, 4)), (2, (2, 3, 4)), (3, (2, 3, 4)), (4, (2, 3))):
         for b in bits_list:
+            if not _grid_ok(p, b):
+                continue
             out.append((f"HIGGS p{p} {b}b hfull", HiggsConfig(bits=b, p=p, hadamard_size=1536)))
     for b in (2, 3, 4):
         out.append((f"HIGGS p2 {b}b h64", HiggsConfig(bits=b, p=2, hadamard_size=64)))
@@ -52,8 +55,14 @@ def quality_contenders():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", required=True)
-    ap.add_argument("--text-dir", required=True, help="dir with wikitext2_test.txt, wikitext2_valid_tokenized.txt")
+    ap.add_argument("--gguf", required=True, help="model: .gguf file or HF directory")
+    ap.add_argument("--text-dir", required=True, help="dir with the test and calibration texts")
+    ap.add_argument("--test-text", default="wikitext2_test.txt")
+    ap.add_argument("--calib-text", default="wikitext2_valid_tokenized.txt")
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--bos-id", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None,
+                    help="smoke test: only the first N contenders / options / layers")
     ap.add_argument("--out", required=True)
     ap.add_argument("--tasks", default="quality,alphas,linearity")
     ap.add_argument("--windows", type=int, default=148)
@@ -73,21 +82,22 @@ def main(argv=None):
     tasks = args.tasks.split(",")
     t0 = time.perf_counter()
     params, config = load_checkpoint(args.gguf)
-    tok = load_tokenizer(Path(args.gguf).parent, config)
+    tok = load_tokenizer(args.gguf, config)
     text_dir = Path(args.text_dir)
-    test_tokens = tokenize_text(tok, (text_dir / "wikitext2_test.txt").read_text())
-    calib_tokens = tokenize_text(tok, (text_dir / "wikitext2_valid_tokenized.txt").read_text())
+    test_tokens = tokenize_text(tok, (text_dir / args.test_text).read_text(), bos_id=args.bos_id)
+    calib_tokens = tokenize_text(tok, (text_dir / args.calib_text).read_text(), bos_id=args.bos_id)
+    S = args.seqlen
     env = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-           "python": platform.python_version(), "windows": args.windows, "seqlen": 2048,
+           "python": platform.python_version(), "windows": args.windows, "seqlen": args.seqlen,
            "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     log(f"loaded in {time.perf_counter() - t0:.1f}s on {env['device']}; test tokens {len(test_tokens)}")
 
     def ppl_test(p, windows=args.windows):
-        return perplexity(p, config, test_tokens, seqlen=2048, num_windows=windows,
+        return perplexity(p, config, test_tokens, seqlen=S, num_windows=windows,
                           batch_size=args.batch_size, progress=False).ppl
 
     def ppl_calib(p):
-        return perplexity(p, config, calib_tokens, seqlen=2048, num_windows=args.calib_windows,
+        return perplexity(p, config, calib_tokens, seqlen=S, num_windows=args.calib_windows,
                           batch_size=args.calib_windows, progress=False).ppl
 
     t0 = time.perf_counter()
@@ -97,7 +107,7 @@ def main(argv=None):
     if "quality" in tasks:
         rows = [{"method": "fp32 (dequantized Q4_1)", "spec": "", "bits": 32.0, "ppl": fp_ppl,
                  "dppl": 0.0, "quant_s": 0.0, "model_mb": None}]
-        for name, spec in quality_contenders():
+        for name, spec in quality_contenders()[: args.limit]:
             t1 = time.perf_counter()
             q, rep = quantize_params(params, default_rules(spec), key=jax.random.key(0))
             tq = time.perf_counter() - t1
@@ -118,9 +128,14 @@ def main(argv=None):
             table = AlphaTable.load(args.alphas)
         else:
             t1 = time.perf_counter()
-            table = calibrate_alphas(params, ppl_calib, progress=False)
+            rules = default_rules(HiggsConfig())
+            if args.limit:  # smoke test: the first `limit` layers only
+                from higgs_jax.params import Rule, plan_quantization
+                names = [p for p, lp in plan_quantization(params, rules).items() if lp.spec][: args.limit]
+                rules = tuple(Rule("^" + re.escape(n) + "$", HiggsConfig()) for n in names)
+            table = calibrate_alphas(params, ppl_calib, rules=rules, progress=False)
             table.meta.update({"calib_text": "wikitext2_valid_tokenized.txt",
-                               "calib_windows": args.calib_windows, "seqlen": 2048, **env})
+                               "calib_windows": args.calib_windows, **env})
             table.save(out / "alphas.json")
             log(f"alphas: {len(table.layers)} layers in {time.perf_counter() - t1:.1f}s, "
                 f"base calib PPL {table.base_ppl:.4f}, clipped {table.meta['clipped_to_zero']}")
@@ -133,10 +148,14 @@ def main(argv=None):
 
         options = [HiggsConfig(bits=b, p=p, hadamard_size=1536)
                    for p, bs in ((1, (2, 3, 4, 5, 6)), (2, (2, 2.5, 3, 3.5, 4, 5, 6)), (3, (2, 3, 4)), (4, (2, 2.5, 3)))
-                   for b in bs if _grid_ok(p, b)]
-        table_free = dynamic.error_table(params, options)
+                   for b in bs if _grid_ok(p, b)][: args.limit]
+        lrules = default_rules(HiggsConfig())
+        if args.limit:
+            from higgs_jax.params import Rule
+            lrules = tuple(Rule("^" + re.escape(n) + "$", HiggsConfig()) for n in table.layers)
+        table_free = dynamic.error_table(params, options, rules=lrules)
         t1 = time.perf_counter()
-        table_meas = dynamic.error_table(params, options, measure=True)
+        table_meas = dynamic.error_table(params, options, rules=lrules, measure=True)
         log(f"measured error table {table_meas.errors.shape} in {time.perf_counter() - t1:.1f}s; "
             f"shortcut vs measured: {dynamic.shortcut_report(table_meas, table_free)}")
         alphas = table.as_dict()
@@ -144,22 +163,28 @@ def main(argv=None):
         for j, o in enumerate(options):
             c = dynamic.uniform_choice(table_meas, j)
             name = f"uniform {o.describe().split(' h=')[0]}"
-            plans[name] = dynamic.plan_from_choices(params, table_meas, c)
+            plans[name] = dynamic.plan_from_choices(params, table_meas, c, rules=lrules)
             meta[name] = {"kind": "uniform", "option": o.describe()}
         budgets = (2.5, 3.0, 3.25, 3.5, 4.0)
         for budget in budgets:
-            sol = dynamic.solve_dynamic(table_meas, alphas, budget)
+            try:
+                sol = dynamic.solve_dynamic(table_meas, alphas, budget)
+            except ValueError as e:
+                log(f"  budget {budget}: {e}")
+                continue
             name = f"DP {budget:g} bits"
-            plans[name] = dynamic.plan_from_choices(params, table_meas, sol.choices)
+            plans[name] = dynamic.plan_from_choices(params, table_meas, sol.choices, rules=lrules)
             meta[name] = {"kind": "dp", "budget": budget,
                           "choices": [table_meas.option_names[c] for c in sol.choices]}
         points = check_linearity(params, plans, alphas, lambda p: ppl_test(dequantize_params(p)),
                                  fp_ppl, log=log)
         log("\n" + format_points(points))
-        plot_linearity(points, out / "linearity.png", "smollm2-135m, WikiText-2 (148 windows)")
+        plot_linearity(points, out / "linearity.png", f"{Path(args.gguf).name}: {args.windows} windows")
         comp = []
         for budget in budgets:
-            dp = next(p for p in points if p.name == f"DP {budget:g} bits")
+            dp = next((p for p in points if p.name == f"DP {budget:g} bits"), None)
+            if dp is None:
+                continue
             ok = [p for p in points if meta[p.name]["kind"] == "uniform" and p.avg_bits <= budget + 1e-9]
             best = min(ok, key=lambda p: p.ppl) if ok else None
             comp.append({"budget": budget, "dp_bits": dp.avg_bits, "dp_ppl": dp.ppl,
