@@ -116,7 +116,7 @@ def main(argv=None):
                          "ppl": ppl, "dppl": ppl - fp_ppl, "quant_s": tq,
                          "model_mb": rep.total_megabytes})
             log(f"  {name:22s} bits {rows[-1]['bits']:6.3f} PPL {ppl:9.4f} dPPL {ppl - fp_ppl:+8.4f} quant {tq:5.1f}s")
-        (out / "quality.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+            (out / "quality.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
         log("\n" + f"{'method':24s} {'bits/w':>7s} {'PPL':>9s} {'dPPL':>9s} {'quant s':>8s}")
         for r in sorted(rows, key=lambda r: (r["method"].split()[0], r["bits"])):
             log(f"{r['method']:24s} {r['bits']:7.3f} {r['ppl']:9.4f} {r['dppl']:+9.4f} {r['quant_s']:8.1f}")
