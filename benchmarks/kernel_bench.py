@@ -33,9 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import _compat
 from pallas_kernels.higgs_matmul import (
-    Config,
     KernelPackedWeight,
     default_config,
     higgs_matmul_pallas,
@@ -57,16 +55,19 @@ def lloyd_1d(n: int, iters: int = 300) -> np.ndarray:
     """Lloyd-Max levels of N(0,1) (for timing only; the project's grids live in higgs_jax.grids)."""
     from math import erf, exp, pi, sqrt
 
-    pdf = lambda t: exp(-t * t / 2) / sqrt(2 * pi)  # noqa: E731
-    cdf = lambda t: 0.5 * (1 + erf(t / sqrt(2)))  # noqa: E731
+    pdf = lambda t: exp(-t * t / 2) / sqrt(2 * pi)
+    cdf = lambda t: 0.5 * (1 + erf(t / sqrt(2)))
     c = np.linspace(-2, 2, n)
     for _ in range(iters):
         b = [-np.inf] + list((c[1:] + c[:-1]) / 2) + [np.inf]
-        c = np.array([
-            (pdf(b[i]) - pdf(b[i + 1])) / max(cdf(b[i + 1]) - cdf(b[i]), 1e-300)
-            if np.isfinite(b[i]) or np.isfinite(b[i + 1]) else 0.0
-            for i in range(n)
-        ])
+        c = np.array(
+            [
+                (pdf(b[i]) - pdf(b[i + 1])) / max(cdf(b[i + 1]) - cdf(b[i]), 1e-300)
+                if np.isfinite(b[i]) or np.isfinite(b[i + 1])
+                else 0.0
+                for i in range(n)
+            ]
+        )
     return c
 
 
@@ -84,10 +85,22 @@ def random_weight(key, k: int, n_cols: int, p: int, n: int) -> KernelPackedWeigh
     units = -(-(k_pad // p) // 32)
     k1, k2 = jax.random.split(key)
     words = jax.random.bits(k1, (units, cb, n_cols), jnp.uint32)
-    scales = jax.random.uniform(k2, (k_pad // H, n_cols), jnp.float32, 0.5, 1.5).astype(jnp.bfloat16)
-    return KernelPackedWeight(words=words, scales=scales, signs=None, shape=(k, n_cols),
-                              dtype="bfloat16", p=p, n=n, grid_values=grid_values(p, n),
-                              hadamard_size=H, group_size=H, k_pad=k_pad)
+    scales = jax.random.uniform(k2, (k_pad // H, n_cols), jnp.float32, 0.5, 1.5).astype(
+        jnp.bfloat16
+    )
+    return KernelPackedWeight(
+        words=words,
+        scales=scales,
+        signs=None,
+        shape=(k, n_cols),
+        dtype="bfloat16",
+        p=p,
+        n=n,
+        grid_values=grid_values(p, n),
+        hadamard_size=H,
+        group_size=H,
+        k_pad=k_pad,
+    )
 
 
 def n_copies(nbytes: int) -> int:
@@ -156,9 +169,22 @@ def correctness(cases, interpret: bool) -> list[dict]:
         y = higgs_matmul_pallas(x, kw, config=cfg, interpret=interpret)
         r = higgs_matmul_reference(x.astype(jnp.float32), kw)
         err = float(jnp.linalg.norm(y.astype(jnp.float32) - r) / jnp.linalg.norm(r))
-        out.append(dict(p=p, n=n, m=m, decode=decode, path=cfg.path, rel_err=err, ok=err < 2e-2))
-        print(f"check p={p} n={n:3d} M={m:3d} {cfg.path:3s} {decode:11s} rel_err={err:.2e}"
-              f" {'OK' if err < 2e-2 else 'FAIL'}", flush=True)
+        out.append(
+            {
+                "p": p,
+                "n": n,
+                "m": m,
+                "decode": decode,
+                "path": cfg.path,
+                "rel_err": err,
+                "ok": err < 2e-2,
+            }
+        )
+        print(
+            f"check p={p} n={n:3d} M={m:3d} {cfg.path:3s} {decode:11s} rel_err={err:.2e}"
+            f" {'OK' if err < 2e-2 else 'FAIL'}",
+            flush=True,
+        )
     return out
 
 
@@ -174,10 +200,12 @@ def kernel_only_fn(kw_cfg):
 def bench_entry(k, n_cols, m, p, n, cfg, reps, key, with_kernel_only=True):
     kw0 = random_weight(key, k, n_cols, p, n)
     copies = n_copies(weight_bytes(kw0))
-    kws = [kw0] + [random_weight(jax.random.fold_in(key, i), k, n_cols, p, n) for i in range(1, copies)]
+    kws = [kw0] + [
+        random_weight(jax.random.fold_in(key, i), k, n_cols, p, n) for i in range(1, copies)
+    ]
     x = jax.random.normal(jax.random.fold_in(key, 99), (m, k), jnp.bfloat16)
     t_full = time_device(lambda a, w: higgs_matmul_pallas(a, w, config=cfg), x, kws, reps)
-    res = dict(t_full=t_full, copies=copies, weight_bytes=weight_bytes(kw0))
+    res = {"t_full": t_full, "copies": copies, "weight_bytes": weight_bytes(kw0)}
     if with_kernel_only:
         xr = _wrapper.rotate_activations(x, kw0)
         res["t_kernel"] = time_device(kernel_only_fn((cfg, m)), xr, kws, reps)
@@ -198,11 +226,15 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = jax.devices()[0]
     on_gpu = dev.platform == "gpu"
-    meta = dict(date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                device=str(getattr(dev, "device_kind", dev.platform)), jax=jax.__version__,
-                command="PYTHONPATH=. python " + " ".join(sys.argv), mode=args.mode)
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": str(getattr(dev, "device_kind", dev.platform)),
+        "jax": jax.__version__,
+        "command": "PYTHONPATH=. python " + " ".join(sys.argv),
+        "mode": args.mode,
+    }
     print(meta, flush=True)
-    results = dict(meta=meta, checks=[], rows=[])
+    results = {"meta": meta, "checks": [], "rows": []}
     out_json = out_dir / f"{args.tag}_{args.mode}.json"
 
     def save():
@@ -228,43 +260,79 @@ def main(argv=None) -> int:
 
     bw = copy_bandwidth_torch()
     results["meta"]["copy_bw"] = bw
-    print(f"copy bandwidth (torch, read+write): {bw / 1e12:.2f} TB/s" if bw else "no torch", flush=True)
+    print(
+        f"copy bandwidth (torch, read+write): {bw / 1e12:.2f} TB/s" if bw else "no torch",
+        flush=True,
+    )
 
     rows = results["rows"]
 
     def add(row):
         rows.append(row)
         save()
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-              flush=True)
+        print(
+            " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+            ),
+            flush=True,
+        )
 
     key = jax.random.key(0)
     # loop floor: the same fori_loop around a trivial op (launch + dependency cost per call)
     xf = jax.random.normal(key, (1, 4096), jnp.bfloat16)
-    results["meta"]["loop_floor_us"] = time_device(lambda a, w: a[:, :8] * w, xf, [jnp.bfloat16(2)], 256) * 1e6
+    results["meta"]["loop_floor_us"] = (
+        time_device(lambda a, w: a[:, :8] * w, xf, [jnp.bfloat16(2)], 256) * 1e6
+    )
     print(f"loop floor {results['meta']['loop_floor_us']:.2f} us", flush=True)
     best_decode: dict[tuple[int, int], str] = {}
     if args.mode in ("explore", "all"):
         # decoder sweep at M = 1 on the two largest 8B shapes; the fastest (summed) is used below
         t_explore_end = time.time() + args.explore_s
         sums: dict[tuple[int, int, str], float] = {}
-        for (k, n_cols) in [(4096, 14336), (8192, 28672)]:
-            for (p, n) in GRIDS:
-                decs = ["poly", "select", "gather"] if p == 1 else ["gather", "gather_pair"] + (["select"] if n == 16 else [])
+        for k, n_cols in [(4096, 14336), (8192, 28672)]:
+            for p, n in GRIDS:
+                decs = (
+                    ["poly", "select", "gather"]
+                    if p == 1
+                    else ["gather", "gather_pair"] + (["select"] if n == 16 else [])
+                )
                 base = default_config(1, k, n_cols, p, 0)
                 for d in decs:
                     cfg = dataclasses.replace(base, decode=d)
                     if time.time() > t_explore_end:
                         break
                     try:
-                        r = bench_entry(k, n_cols, 1, p, n, cfg, args.reps, key, with_kernel_only=False)
+                        r = bench_entry(
+                            k, n_cols, 1, p, n, cfg, args.reps, key, with_kernel_only=False
+                        )
                         sums[(p, n, d)] = sums.get((p, n, d), 0.0) + r["t_full"]
-                        add(dict(K=k, N=n_cols, M=1, p=p, n=n, decode=d, split=cfg.split_k,
-                                 bn=cfg.block_n, bk=cfg.block_k, us=r["t_full"] * 1e6,
-                                 weight_gbs=r["weight_bytes"] / r["t_full"] / 1e9))
+                        add(
+                            {
+                                "K": k,
+                                "N": n_cols,
+                                "M": 1,
+                                "p": p,
+                                "n": n,
+                                "decode": d,
+                                "split": cfg.split_k,
+                                "bn": cfg.block_n,
+                                "bk": cfg.block_k,
+                                "us": r["t_full"] * 1e6,
+                                "weight_gbs": r["weight_bytes"] / r["t_full"] / 1e9,
+                            }
+                        )
                     except Exception as e:  # noqa: BLE001
-                        add(dict(K=k, N=n_cols, p=p, n=n, decode=d, error=repr(e)[:200]))
-        for (p, n) in GRIDS:
+                        add(
+                            {
+                                "K": k,
+                                "N": n_cols,
+                                "p": p,
+                                "n": n,
+                                "decode": d,
+                                "error": repr(e)[:200],
+                            }
+                        )
+        for p, n in GRIDS:
             cands = {d: t for (pp, nn, d), t in sums.items() if (pp, nn) == (p, n)}
             if cands:
                 best_decode[(p, n)] = min(cands, key=cands.get)
@@ -276,15 +344,17 @@ def main(argv=None) -> int:
 
     # full table
     table = []
-    for (k, n_cols) in SHAPES:
+    for k, n_cols in SHAPES:
         for m in MS:
             if left() < 30:
                 print("budget exhausted; stopping")
                 break
-            entry = dict(K=k, N=n_cols, M=m)
+            entry = {"K": k, "N": n_cols, "M": m}
             entry["torch_us"] = (torch_matmul_time(m, k, n_cols, args.reps) or float("nan")) * 1e6
-            wb = [jax.random.normal(jax.random.fold_in(key, i), (k, n_cols), jnp.bfloat16)
-                  for i in range(n_copies(k * n_cols * 2))]
+            wb = [
+                jax.random.normal(jax.random.fold_in(key, i), (k, n_cols), jnp.bfloat16)
+                for i in range(n_copies(k * n_cols * 2))
+            ]
             x = jax.random.normal(key, (m, k), jnp.bfloat16)
             entry["jnp_dot_us"] = time_device(lambda a, w: jnp.dot(a, w), x, wb, args.reps) * 1e6
             del wb
@@ -294,15 +364,26 @@ def main(argv=None) -> int:
                 xr = _wrapper.rotate_activations(a, w).astype(jnp.bfloat16)
                 return jnp.dot(xr, decode_rotated(w).astype(jnp.bfloat16))
 
-            entry["xla_deq_dot_4b_us"] = time_device(deq_dot, x, [kw4], max(4, args.reps // 8)) * 1e6
-            for (p, n) in GRIDS:
+            entry["xla_deq_dot_4b_us"] = (
+                time_device(deq_dot, x, [kw4], max(4, args.reps // 8)) * 1e6
+            )
+            for p, n in GRIDS:
                 cfg = default_config(m, k, n_cols, p, 0)
                 if (p, n) in best_decode:
                     cfg = dataclasses.replace(cfg, decode=best_decode[(p, n)])
                 tag = f"p{p}_b{int(math.log2(n)) // p}"
                 try:
-                    r = bench_entry(k, n_cols, m, p, n, cfg, args.reps, jax.random.fold_in(key, p * n),
-                                    with_kernel_only=(m == 1))
+                    r = bench_entry(
+                        k,
+                        n_cols,
+                        m,
+                        p,
+                        n,
+                        cfg,
+                        args.reps,
+                        jax.random.fold_in(key, p * n),
+                        with_kernel_only=(m == 1),
+                    )
                     entry[f"{tag}_us"] = r["t_full"] * 1e6
                     if "t_kernel" in r:
                         entry[f"{tag}_kernel_us"] = r["t_kernel"] * 1e6
@@ -322,27 +403,41 @@ def main(argv=None) -> int:
     results["meta"]["device_us_same_call"] = dev_t * 1e6
     save()
 
-    lines = [f"# HIGGS Pallas kernel benchmark ({meta['date']}, {meta['device']}, jax {meta['jax']})",
-             f"command: `{meta['command']}`; copy bandwidth {bw / 1e12:.2f} TB/s (torch, read+write); "
-             f"host dispatch of one jitted call (4096x4096, M=1): {host * 1e6:.0f} us wall vs "
-             f"{dev_t * 1e6:.1f} us device", "",
-             "times in us (device); xN = speed-up vs torch bf16; bw = (codes+scales+x+y bytes)/time / copy BW", "",
-             "| K x N | M | torch | jnp.dot | deq+dot 4b | " + " | ".join(
-                 f"p{p} {int(math.log2(n)) // p}b" for p, n in GRIDS) + " |",
-             "|---|---|---|---|---|" + "---|" * len(GRIDS)]
-    lines.insert(2, f"loop floor (trivial op in the same timing loop): {results['meta']['loop_floor_us']:.1f} us; "
-                 f"decoders: {results['meta'].get('best_decode_m1', 'auto')}")
+    lines = [
+        f"# HIGGS Pallas kernel benchmark ({meta['date']}, {meta['device']}, jax {meta['jax']})",
+        (
+            f"command: `{meta['command']}`; copy bandwidth {bw / 1e12:.2f} TB/s (torch, read+write); "
+            f"host dispatch of one jitted call (4096x4096, M=1): {host * 1e6:.0f} us wall vs "
+            f"{dev_t * 1e6:.1f} us device"
+        ),
+        "",
+        "times in us (device); xN = speed-up vs torch bf16; bw = (codes+scales+x+y bytes)/time / copy BW",
+        "",
+        "| K x N | M | torch | jnp.dot | deq+dot 4b | "
+        + " | ".join(f"p{p} {int(math.log2(n)) // p}b" for p, n in GRIDS)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(GRIDS),
+    ]
+    lines.insert(
+        2,
+        f"loop floor (trivial op in the same timing loop): {results['meta']['loop_floor_us']:.1f} us; "
+        f"decoders: {results['meta'].get('best_decode_m1', 'auto')}",
+    )
     for e in table:
         cells = []
-        for (p, n) in GRIDS:
+        for p, n in GRIDS:
             tag = f"p{p}_b{int(math.log2(n)) // p}"
             if f"{tag}_us" in e:
-                cells.append(f"{e[f'{tag}_us']:.1f} ({e['torch_us'] / e[f'{tag}_us']:.2f}x, "
-                             f"bw {e[f'{tag}_bw_frac']:.0%})")
+                cells.append(
+                    f"{e[f'{tag}_us']:.1f} ({e['torch_us'] / e[f'{tag}_us']:.2f}x, "
+                    f"bw {e[f'{tag}_bw_frac']:.0%})"
+                )
             else:
                 cells.append("err")
-        lines.append(f"| {e['K']}x{e['N']} | {e['M']} | {e['torch_us']:.1f} | {e['jnp_dot_us']:.1f} | "
-                     f"{e['xla_deq_dot_4b_us']:.1f} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {e['K']}x{e['N']} | {e['M']} | {e['torch_us']:.1f} | {e['jnp_dot_us']:.1f} | "
+            f"{e['xla_deq_dot_4b_us']:.1f} | " + " | ".join(cells) + " |"
+        )
     md = "\n".join(lines)
     (out_dir / f"{args.tag}.md").write_text(md + "\n")
     print("\n" + md)

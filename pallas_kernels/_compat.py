@@ -38,7 +38,7 @@ def _plgpu():
 def compiler_params(num_warps: int, num_stages: int) -> Any:
     """Backend compiler params for ``pallas_call`` (name differs across jax versions)."""
     plgpu = _plgpu()
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -75,4 +75,3 @@ def gpu_compute_capability(device: Any | None = None) -> tuple[int, int] | None:
 def device_kind(device: Any | None = None) -> str:
     device = device or jax.devices()[0]
     return str(getattr(device, "device_kind", device.platform)).replace(" ", "_")
-

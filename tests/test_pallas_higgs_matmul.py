@@ -31,8 +31,10 @@ from pallas_kernels.higgs_matmul.repack import SUPPORTED, pack_kernel_words, unp
 GRIDS = sorted(SUPPORTED)  # (p, n): p in {1, 2} x bits in {2, 3, 4}
 # Relative (Frobenius) tolerance vs the f32 reference, keyed by the kernel's operand precision:
 # the fma path multiplies in f32; the dot path feeds bf16/f16 operands to the tensor cores.
-TOL = {"fma": {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3},
-       "dot": {jnp.float32: 1e-2, jnp.bfloat16: 1e-2, jnp.float16: 3e-3}}
+TOL = {
+    "fma": {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3},
+    "dot": {jnp.float32: 1e-2, jnp.bfloat16: 1e-2, jnp.float16: 3e-3},
+}
 
 
 def _on_gpu() -> bool:
@@ -51,8 +53,17 @@ def lloyd_like_grid(p: int, n: int, seed: int = 0) -> np.ndarray:
     return rng.normal(size=(n, p))
 
 
-def make_weight(k: int, n_cols: int, p: int, n: int, *, g: int | None = None, h: int = 1,
-                seed: int = 0, outliers: int = 0) -> KernelPackedWeight:
+def make_weight(
+    k: int,
+    n_cols: int,
+    p: int,
+    n: int,
+    *,
+    g: int | None = None,
+    h: int = 1,
+    seed: int = 0,
+    outliers: int = 0,
+) -> KernelPackedWeight:
     """A random HIGGS weight directly in the kernel layout (HiggsTensor layout: see below)."""
     g = g or 32 * p * 2
     rng = np.random.default_rng(seed)
@@ -62,16 +73,29 @@ def make_weight(k: int, n_cols: int, p: int, n: int, *, g: int | None = None, h:
     scales = jnp.asarray(rng.uniform(0.5, 1.5, size=(k_pad // g, n_cols)), jnp.bfloat16)
     out = None
     if outliers:
-        out = (jnp.asarray(rng.integers(0, k, outliers), jnp.int32),
-               jnp.asarray(rng.integers(0, n_cols, outliers), jnp.int32),
-               jnp.asarray(rng.normal(size=outliers), jnp.float32))
+        out = (
+            jnp.asarray(rng.integers(0, k, outliers), jnp.int32),
+            jnp.asarray(rng.integers(0, n_cols, outliers), jnp.int32),
+            jnp.asarray(rng.normal(size=outliers), jnp.float32),
+        )
     words = pack_kernel_words(codes, SUPPORTED[(p, n)])
     grid = tuple(tuple(float(v) for v in row) for row in lloyd_like_grid(p, n, seed))
     return KernelPackedWeight(
-        words=words, scales=scales, signs=None, shape=(k, n_cols), dtype="bfloat16", p=p, n=n,
-        grid_values=grid, hadamard_size=h, group_size=g, k_pad=k_pad,
-        outlier_rows=None if out is None else out[0], outlier_cols=None if out is None else out[1],
-        outlier_values=None if out is None else out[2])
+        words=words,
+        scales=scales,
+        signs=None,
+        shape=(k, n_cols),
+        dtype="bfloat16",
+        p=p,
+        n=n,
+        grid_values=grid,
+        hadamard_size=h,
+        group_size=g,
+        k_pad=k_pad,
+        outlier_rows=None if out is None else out[0],
+        outlier_cols=None if out is None else out[1],
+        outlier_values=None if out is None else out[2],
+    )
 
 
 def rel_err(y, r) -> float:
@@ -81,8 +105,15 @@ def rel_err(y, r) -> float:
 
 def _cfg(path: str, p: int, decode: str = "auto", split_k: int = 2) -> Config:
     bku = 16 if path == "dot" else 2
-    return Config(block_n=16, block_k=32 * p * bku, split_k=split_k, path=path, decode=decode,
-                  block_m=16, num_warps=4)
+    return Config(
+        block_n=16,
+        block_k=32 * p * bku,
+        split_k=split_k,
+        path=path,
+        decode=decode,
+        block_m=16,
+        num_warps=4,
+    )
 
 
 # -- layout ----------------------------------------------------------------------------------
@@ -109,7 +140,8 @@ def test_word_aligned_layout_is_the_higgs_layout(cb):
 
     codes = jnp.asarray(np.random.default_rng(0).integers(0, 2**cb, size=(64, 3)), jnp.int32)
     np.testing.assert_array_equal(
-        pack_kernel_words(codes, cb).reshape(-1, 3), packing.pack_codes(codes, cb))
+        pack_kernel_words(codes, cb).reshape(-1, 3), packing.pack_codes(codes, cb)
+    )
 
 
 # -- kernel vs reference ---------------------------------------------------------------------
@@ -147,15 +179,25 @@ def test_matches_reference_more(p, n, path, m, dtype, k):
     _check_against_reference(p, n, path, m, dtype, k)
 
 
-@pytest.mark.parametrize("p,n,path,m,dtype,k", [
-    (1, 8, "fma", 3, jnp.float16, 129), (2, 64, "dot", 20, jnp.bfloat16, 200)])
+@pytest.mark.parametrize(
+    "p,n,path,m,dtype,k",
+    [(1, 8, "fma", 3, jnp.float16, 129), (2, 64, "dot", 20, jnp.bfloat16, 200)],
+)
 def test_matches_reference_paths(p, n, path, m, dtype, k):
     _check_against_reference(p, n, path, m, dtype, k)
 
 
-@pytest.mark.parametrize("p,n,decode", [
-    (1, 4, "poly"), (1, 16, "select"), (1, 8, "gather"), (2, 16, "select"), (2, 256, "gather"),
-    (2, 64, "gather_pair")])
+@pytest.mark.parametrize(
+    "p,n,decode",
+    [
+        (1, 4, "poly"),
+        (1, 16, "select"),
+        (1, 8, "gather"),
+        (2, 16, "select"),
+        (2, 256, "gather"),
+        (2, 64, "gather_pair"),
+    ],
+)
 def test_decoders(p, n, decode):
     _check_against_reference(p, n, "fma", 1, jnp.float32, 96, decode=decode, bias=False)
 
@@ -163,13 +205,17 @@ def test_decoders(p, n, decode):
 @pytest.mark.parametrize("p,n", [(1, 16), (2, 64)])
 def test_identity_gives_dequantized_weight(p, n):
     """x = I_K (no rotation) returns Wrot exactly: every code decoded and scaled correctly."""
-    k = 32 * p * 4
-    w = make_weight(k, 32, p, n, seed=7)
+    k = 32 * p * 2
+    w = make_weight(k, 32, p, n, g=32 * p, seed=7)
     x = jnp.eye(k, dtype=jnp.float32)
     # Exact decoders only (gather_pair rounds the grid to bf16 by design).
     cfg = dataclasses.replace(_cfg("fma", p, "auto" if p == 1 else "gather"), split_k=1)
-    got = jnp.concatenate([higgs_matmul_pallas(x[i:i + 8], w, config=cfg, interpret=not _on_gpu())
-                           for i in range(0, k, 8)])
+    got = jnp.concatenate(
+        [
+            higgs_matmul_pallas(x[i : i + 8], w, config=cfg, interpret=not _on_gpu())
+            for i in range(0, k, 8)
+        ]
+    )
     np.testing.assert_allclose(np.asarray(got), np.asarray(decode_rotated(w)), rtol=1e-6, atol=1e-6)
 
 
@@ -179,8 +225,14 @@ def test_from_arrays_repacks_straddling_codes(cb):
     packing = _higgs_packing()
     p, n = (1, 8) if cb == 3 else (2, 64)
     codes = jnp.asarray(np.random.default_rng(cb).integers(0, n, size=(96, 4)), jnp.int32)
-    kw = from_arrays(packing.pack_codes(codes, cb), jnp.ones((96 * p // 64, 4), jnp.bfloat16),
-                     lloyd_like_grid(p, n), shape=(96 * p, 4), k_pad=96 * p, group_size=64)
+    kw = from_arrays(
+        packing.pack_codes(codes, cb),
+        jnp.ones((96 * p // 64, 4), jnp.bfloat16),
+        lloyd_like_grid(p, n),
+        shape=(96 * p, 4),
+        k_pad=96 * p,
+        group_size=64,
+    )
     np.testing.assert_array_equal(unpack_kernel_words(kw.words, cb), codes)
 
 
@@ -191,7 +243,9 @@ def test_rotation_signs_and_outliers():
     except ImportError as e:
         pytest.skip(f"higgs_jax.hadamard not importable: {e}")
     w = make_weight(100, 32, 1, 8, g=64, h=64, seed=3, outliers=5)
-    w = dataclasses.replace(w, signs=jnp.asarray(np.random.default_rng(1).choice([-1, 1], 128), jnp.int8))
+    w = dataclasses.replace(
+        w, signs=jnp.asarray(np.random.default_rng(1).choice([-1, 1], 128), jnp.int8)
+    )
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 100)), jnp.float32)
     y = higgs_matmul_pallas(x, w, config=_cfg("fma", 1), interpret=not _on_gpu())
     assert rel_err(y, higgs_matmul_reference(x, w)) < 1e-5
@@ -206,7 +260,9 @@ def test_fallback_fwht_is_sylvester():
         sylv = np.block([[sylv, sylv], [sylv, -sylv]])
     x = np.random.default_rng(0).normal(size=(3, 2 * h)).astype(np.float32)
     want = np.concatenate([x[:, :h] @ sylv, x[:, h:] @ sylv], axis=1) / np.sqrt(h)
-    np.testing.assert_allclose(np.asarray(_block_fwht(jnp.asarray(x), h)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(_block_fwht(jnp.asarray(x), h)), want, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_leading_axes_and_jit():
@@ -226,8 +282,16 @@ def test_default_config_valid(m):
     assert cfg.units_per_step(2) >= 1
 
 
-@pytest.mark.parametrize("kwargs", [dict(block_n=100), dict(split_k=0), dict(path="wgmma"),
-                                    dict(decode="magic"), dict(path="dot", block_m=8)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"block_n": 100},
+        {"split_k": 0},
+        {"path": "wgmma"},
+        {"decode": "magic"},
+        {"path": "dot", "block_m": 8},
+    ],
+)
 def test_bad_config(kwargs):
     with pytest.raises(ValueError, match="|".join(kwargs)):
         Config(**kwargs)
@@ -244,17 +308,30 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="bias"):
         higgs_matmul_pallas(jnp.zeros((1, 64), jnp.float32), w, bias=jnp.zeros(3), interpret=True)
     with pytest.raises(ValueError, match="M=16"):
-        higgs_matmul_pallas(jnp.zeros((16, 64), jnp.float32), w, config=_cfg("fma", 1),
-                            interpret=True)
+        higgs_matmul_pallas(
+            jnp.zeros((16, 64), jnp.float32), w, config=_cfg("fma", 1), interpret=True
+        )
     bad = dataclasses.replace(w, n=32)
     with pytest.raises(ValueError, match="n=32"):
         higgs_matmul_pallas(jnp.zeros((1, 64), jnp.float32), bad, interpret=True)
     with pytest.raises(ValueError, match="n=32"):
-        from_arrays(w.words.reshape(-1, 16), w.scales, np.zeros((32, 1)), shape=(64, 16),
-                    k_pad=64, group_size=64)
+        from_arrays(
+            w.words.reshape(-1, 16),
+            w.scales,
+            np.zeros((32, 1)),
+            shape=(64, 16),
+            k_pad=64,
+            group_size=64,
+        )
     with pytest.raises(ValueError, match="codes have shape"):
-        from_arrays(w.words.reshape(-1, 8), w.scales, np.zeros((4, 1)), shape=(64, 16),
-                    k_pad=64, group_size=64)
+        from_arrays(
+            w.words.reshape(-1, 8),
+            w.scales,
+            np.zeros((4, 1)),
+            shape=(64, 16),
+            k_pad=64,
+            group_size=64,
+        )
 
 
 @pytest.mark.skipif(_on_gpu(), reason="checks the non-GPU refusal")

@@ -64,7 +64,9 @@ def shape_key(x: jax.Array, w) -> str:
     m = 1
     for d in x.shape[:-1]:
         m *= d
-    return f"m{m}_k{w.shape[0]}_n{w.shape[1]}_p{w.p}_n{w.n}_g{w.group_size}_{jnp.dtype(x.dtype).name}"
+    return (
+        f"m{m}_k{w.shape[0]}_n{w.shape[1]}_p{w.p}_n{w.n}_g{w.group_size}_{jnp.dtype(x.dtype).name}"
+    )
 
 
 def _cache_key(x, w) -> str:
@@ -108,12 +110,18 @@ def autotune(
     if key in cache:
         return cache[key]
     m = x.size // x.shape[-1]
-    cands = list(candidates) if candidates else candidate_configs(m, kw.K, kw.N, kw.p, kw.code_bits / kw.p)
+    cands = (
+        list(candidates)
+        if candidates
+        else candidate_configs(m, kw.K, kw.N, kw.p, kw.code_bits / kw.p)
+    )
     best, best_t = None, float("inf")
     for cfg in cands:
         try:
-            t = time_device(lambda a, b, c=cfg: higgs_matmul_pallas(a, b, bias=bias, config=c), x, [kw], reps)
-        except Exception:  # noqa: BLE001 - a candidate that does not compile is not a winner
+            t = time_device(
+                lambda a, b, c=cfg: higgs_matmul_pallas(a, b, bias=bias, config=c), x, [kw], reps
+            )
+        except Exception:  # noqa: BLE001, S112 - a candidate that does not compile is not a winner
             continue
         if t < best_t:
             best, best_t = cfg, t

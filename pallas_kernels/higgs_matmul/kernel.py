@@ -31,7 +31,9 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _compat
 from pallas_kernels.higgs_matmul.repack import code_parts
 
-_MAGIC = np.uint32(0x4B000000)  # float 2^23: OR-ing an integer j < 2^23 into its mantissa gives 2^23 + j
+_MAGIC = np.uint32(
+    0x4B000000
+)  # float 2^23: OR-ing an integer j < 2^23 into its mantissa gives 2^23 + j
 
 
 # ------------------------------------------------------------------------------------ decoders
@@ -191,7 +193,9 @@ def higgs_matmul_kernel(
             row0, offset = 0, 0
             for w in parts:
                 cpw = 32 // w
-                field = (word(row0 + c // cpw) >> np.uint32((c % cpw) * w)) & np.uint32((1 << w) - 1)
+                field = (word(row0 + c // cpw) >> np.uint32((c % cpw) * w)) & np.uint32(
+                    (1 << w) - 1
+                )
                 code = field if code is None else code | (field << np.uint32(offset))
                 row0 += w
                 offset += w

@@ -24,7 +24,9 @@ def higgs_matmul_reference(x: jax.Array, w, bias: jax.Array | None = None) -> ja
     kw = repack(w)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, kw.K)
-    y = jnp.matmul(rotate_activations(x2, kw), decode_rotated(kw), precision=jax.lax.Precision.HIGHEST)
+    y = jnp.matmul(
+        rotate_activations(x2, kw), decode_rotated(kw), precision=jax.lax.Precision.HIGHEST
+    )
     y = apply_outliers(kw, x2, y)
     if bias is not None:
         y = y + bias.astype(jnp.float32)

@@ -81,11 +81,11 @@ class KernelPackedWeight:
     outlier_values: jax.Array | None = None
 
     @property
-    def K(self) -> int:  # noqa: N802 - glossary name
+    def K(self) -> int:
         return self.shape[0]
 
     @property
-    def N(self) -> int:  # noqa: N802 - glossary name
+    def N(self) -> int:
         return self.shape[1]
 
     @property
@@ -175,7 +175,7 @@ def from_arrays(
             f"grid (p={p}, n={n}) is not supported by the kernel; supported (p, n): {sorted(SUPPORTED)}"
         )
     cb = SUPPORTED[(p, n)]
-    K, N = shape  # noqa: N806
+    K, N = shape
     kc = k_pad // p
     units = -(-kc // 32)
     if codes_packed.dtype != jnp.uint32 or tuple(codes_packed.shape) != (units * cb, N):

@@ -42,7 +42,9 @@ def _problems(x, w, *, check_backend: bool) -> list[str]:
         out.append(f"weight of shape {w.shape} is quantized along axis 1; need a (K, N) kernel")
     p, n = (w.p, w.n)
     if (p, n) not in SUPPORTED:
-        out.append(f"grid (p={p}, n={n}) unsupported; kernel supports (p, n) in {sorted(SUPPORTED)}")
+        out.append(
+            f"grid (p={p}, n={n}) unsupported; kernel supports (p, n) in {sorted(SUPPORTED)}"
+        )
     elif w.group_size % (32 * p):
         out.append(f"group_size={w.group_size} must be a multiple of 32*p={32 * p}")
     k = w.shape[getattr(w, "contraction_axis", 0)]
@@ -126,10 +128,9 @@ def resolve_decode(decode: str, kw: KernelPackedWeight) -> tuple[str, tuple[floa
     """Chooses the decoder ("auto") and returns it with its polynomial coefficients (if any)."""
     mags = _kernel.symmetric_magnitudes(kw.grid_values) if kw.p == 1 else None
     if decode == "auto":
-        if kw.p == 1:
-            decode = "poly" if mags is not None and kw.n >= 8 else "select"
-        else:
-            decode = "select" if kw.n <= 16 else "gather_pair"
+        # Fastest measured at M=1 on an H100 (docs/KERNELS.md): select tree for n=4, f32 LUT
+        # gather for n=8/16, bf16-pair gather for every p=2 grid (the grid rounded to bf16).
+        decode = ("select" if kw.n == 4 else "gather") if kw.p == 1 else "gather_pair"
     if decode == "poly":
         if mags is None:
             raise ValueError("decode='poly' needs a sorted, symmetric 1-D grid")
@@ -149,7 +150,7 @@ def _lut(decode: str, kw: KernelPackedWeight) -> jax.Array:
 
 def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtype, interpret: bool):
     """xr: (M, K_pad) f32 rotated activations -> (M, N) f32."""
-    p, cb, N = kw.p, kw.code_bits, kw.N  # noqa: N806
+    p, cb, N = kw.p, kw.code_bits, kw.N
     units = kw.units
     bku = cfg.units_per_step(p)
     split = max(1, min(cfg.split_k, -(-units // bku)))
@@ -198,7 +199,9 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
             body,
             out_shape=jax.ShapeDtypeStruct((split, mp, n_out), jnp.float32),
             grid=grid,
-            compiler_params=None if interpret else _compat.compiler_params(cfg.num_warps, cfg.num_stages),
+            compiler_params=None
+            if interpret
+            else _compat.compiler_params(cfg.num_warps, cfg.num_stages),
             interpret=interpret,
             name=f"higgs_matmul_p{p}_cb{cb}_{cfg.path}_{decode}",
         )(xp, kw.words, kw.scales, _lut(decode, kw))
