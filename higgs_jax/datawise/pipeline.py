@@ -526,12 +526,6 @@ def _set(tree: dict, keys: Sequence[str], value) -> dict:
     return out
 
 
-def _get(tree, keys):
-    for k in keys:
-        tree = tree[k]
-    return tree
-
-
 def quantize_params_datawise(
     params: Mapping[str, Any],
     config: LlamaConfig,
