@@ -21,7 +21,8 @@ CPU smoke run on the embedded tiny model:
       --hadamard-size 64 --out /tmp/dw
 
 Prints one line per contender while running, then the table (last), and writes
-OUT/datawise.json.
+OUT/datawise.json, merged with the rows of earlier runs into the same OUT (so a time-limited
+machine can run one --budgets value per call); --fresh starts over.
 """
 
 from __future__ import annotations
@@ -162,6 +163,11 @@ def main(argv=None):
     ap.add_argument("--budgets", default="4,3.25,3,2.5")
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--precision", default="highest")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore rows of an earlier run in OUT/datawise.json (default: merge)",
+    )
     args = ap.parse_args(argv)
     jax.config.update("jax_default_matmul_precision", args.precision)
 
@@ -236,6 +242,27 @@ def main(argv=None):
             "quant_s": 0.0,
         }
     ]
+    # Merge with an earlier run in the same --out (e.g. one call per budget on a time-limited
+    # machine): rows of other (budget, method) pairs are kept, re-measured ones replaced.
+    result_file = out / "datawise.json"
+    kept = []
+    if result_file.is_file() and not args.fresh:
+        kept = [r for r in json.loads(result_file.read_text())["rows"] if r["budget"] != "fp"]
+
+    def save(final=False):
+        done = {(r["budget"], r["method"]) for r in rows}
+        merged = rows[:1] + sorted(
+            [r for r in kept if (r["budget"], r["method"]) not in done] + rows[1:],
+            key=lambda r: (-float(r["budget"]), FAMILIES.index(r["family"])),
+        )
+        payload = {"env": env, "rows": merged}
+        if final:
+            payload["verdicts"] = _verdicts(
+                merged, sorted({r["budget"] for r in merged[1:]}, key=lambda b: -float(b))
+            )
+        result_file.write_text(json.dumps(payload, indent=1))
+        return payload
+
     for c in contenders(args.hadamard_size, args.sweeps, args.datawise_p):
         if c.budget not in budgets or c.family not in families:
             continue
@@ -291,20 +318,17 @@ def main(argv=None):
             f"  [{c.budget:>4s}] {c.name:28s} bits {row['bits']:6.3f} PPL {p:9.4f} "
             f"dPPL {p - fp_ppl:+8.4f} quant {tq:7.1f}s{extra}"
         )
-        (out / "datawise.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        save()
 
-    verdicts = _verdicts(rows, budgets)
-    (out / "datawise.json").write_text(
-        json.dumps({"env": env, "rows": rows, "verdicts": verdicts}, indent=1)
-    )
-    log(f"\ndone in {time.perf_counter() - t0:.1f}s; results in {out / 'datawise.json'}")
-    for v in verdicts:
+    payload = save(final=True)
+    log(f"\ndone in {time.perf_counter() - t0:.1f}s; results in {result_file}")
+    for v in payload["verdicts"]:
         log("  " + v["text"])
     log(
         "\n"
         + f"{'budget':>6s} {'method':30s} {'bits/w':>7s} {'PPL':>9s} {'dPPL':>9s} {'quant s':>8s}"
     )
-    for r in rows:
+    for r in payload["rows"]:
         log(
             f"{r['budget']:>6s} {r['method']:30s} {r['bits']:7.3f} {r['ppl']:9.4f} {r['dppl']:+9.4f} "
             f"{r['quant_s']:8.1f}"
