@@ -33,7 +33,8 @@ def higgs_specs(hs):
     for p, n in grids.available_grids():
         b = grids.GridSpec("gauss", p, n).bits
         if 2 <= b <= 4 and b == int(b):
-            for h in hs:
+            # p = 3 needs h divisible by 3: use the Paley-based orders 3/4 of the requested ones
+            for h in (hs if p != 3 else [h * 3 // 4 for h in hs]):
                 out.append(HiggsConfig(bits=int(b), p=p, hadamard_size=h))
     return out
 

@@ -57,7 +57,7 @@ def test_quantize_flax_safetensors_params(tmp_path):
     "argv,match",
     [
         (["quantize", "--model", "/nonexistent", "--out", "x"], "does not exist"),
-        (["quantize", "--model", "{model}", "--out", "{tmp}/x", "--bits", "5"], "grid"),
+        (["quantize", "--model", "{model}", "--out", "{tmp}/x", "--bits", "7"], "grid"),
         (["quantize", "--model", "{model}", "--out", "{tmp}/x", "--method", "nf4", "--bits", "3"],
          "NF4"),
         (["quantize", "--model", "{model}", "--out", "{tmp}/x", "--hadamard-size", "172"], "172"),

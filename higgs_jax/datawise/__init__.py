@@ -12,10 +12,23 @@ from higgs_jax.datawise.gptq import (
     hessian_objective,
     nearest_grid_code,
 )
+from higgs_jax.datawise.pipeline import (
+    datawise_plan,
+    plan_datawise,
+    quantize_datawise,
+    quantize_params_datawise,
+)
 from higgs_jax.datawise.quantease import QuantEaseInfo, quantease_quantize
+from higgs_jax.datawise.specs import GPTQConfig, QuantEaseConfig
 
 __all__ = [
+    "GPTQConfig",
     "GPTQInfo",
+    "QuantEaseConfig",
+    "datawise_plan",
+    "plan_datawise",
+    "quantize_datawise",
+    "quantize_params_datawise",
     "QuantEaseInfo",
     "dequantize_codes",
     "gptq_quantize",
