@@ -53,7 +53,10 @@ from higgs_jax import grids, hadamard, packing
 from higgs_jax.config import HiggsConfig, NF4Config, RTNConfig, code_bits
 from higgs_jax.datawise import calibration as cal
 from higgs_jax.datawise.gptq import gptq_quantize
-from higgs_jax.datawise.quantease import quantease_quantize
+from higgs_jax.datawise.quantease import (
+    _hard_threshold,  # one top-k projection for both
+    quantease_quantize,
+)
 from higgs_jax.datawise.specs import (
     DATAWISE_TYPES,
     GPTQConfig,
@@ -203,12 +206,6 @@ def _lambda_max(sigma):
 
     v = jax.lax.fori_loop(0, 100, body, v / jnp.linalg.norm(v))
     return 1.01 * jnp.linalg.norm(jnp.matmul(sigma, v, precision=_HI))
-
-
-def _hard_threshold(x, k):
-    flat = x.reshape(-1)
-    _, idx = jax.lax.top_k(jnp.abs(flat), k)
-    return jnp.zeros_like(flat).at[idx].set(flat[idx]).reshape(x.shape)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "steps"))
