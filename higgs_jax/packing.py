@@ -36,9 +36,11 @@ def packed_rows(num_codes: int, code_bits: int) -> int:
     return padded_length(num_codes) // CODES_PER_GROUP * code_bits
 
 
-def _code_spans(code_bits: int) -> list[tuple[int, int]]:
-    """(first stream bit, last stream bit + 1) of each of the 32 codes of a group."""
-    return [(i * code_bits, (i + 1) * code_bits) for i in range(CODES_PER_GROUP)]
+def _layout(code_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Static per-code layout of a 32-code group: first word, bit offset, straddles next word."""
+    start = np.arange(CODES_PER_GROUP) * code_bits
+    word, offset = start // 32, start % 32
+    return word, offset, offset + code_bits > 32
 
 
 def pack_codes(codes: jax.Array, code_bits: int) -> jax.Array:
@@ -62,19 +64,17 @@ def pack_codes(codes: jax.Array, code_bits: int) -> jax.Array:
         c = jnp.pad(c, [(0, pad)] + [(0, 0)] * len(rest))
     groups = c.shape[0] // CODES_PER_GROUP
     c = c.reshape((groups, CODES_PER_GROUP) + rest)
-    words = []
-    for w in range(code_bits):
-        lo, hi = 32 * w, 32 * (w + 1)
-        acc = jnp.zeros((groups,) + rest, jnp.uint32)
-        for i, (s, e) in enumerate(_code_spans(code_bits)):
-            if e <= lo or s >= hi:
-                continue
-            # Bits of code i that fall into word w: shift left if it starts inside the word,
-            # right if it started in the previous word (the straddling case).
-            part = c[:, i] << np.uint32(s - lo) if s >= lo else c[:, i] >> np.uint32(lo - s)
-            acc = acc | part
-        words.append(acc)
-    packed = jnp.stack(words, axis=1)  # (groups, cb, ...)
+    word, offset, straddle = _layout(code_bits)
+    bshape = (1, CODES_PER_GROUP) + (1,) * len(rest)
+    # Low part of every code goes to its first word, the high part of a straddling code to the
+    # next word. Bits of different codes never overlap, so summing the parts is a bitwise OR.
+    low = c << offset.astype(np.uint32).reshape(bshape)
+    high_shift = np.where(straddle, 32 - offset, 0).astype(np.uint32).reshape(bshape)
+    high = jnp.where(straddle.reshape(bshape), c >> high_shift, np.uint32(0))
+    seg = np.concatenate([word, np.where(straddle, word + 1, word)])
+    parts = jnp.concatenate([low, high], axis=1)  # (groups, 64, ...)
+    packed = jax.ops.segment_sum(jnp.moveaxis(parts, 1, 0), seg, num_segments=code_bits)
+    packed = jnp.moveaxis(packed, 0, 1)  # (groups, cb, ...)
     return packed.reshape((groups * code_bits,) + rest)
 
 
@@ -92,13 +92,13 @@ def unpack_codes(packed: jax.Array, code_bits: int, num_codes: int) -> jax.Array
     rest = packed.shape[1:]
     groups = expected // code_bits
     words = packed.reshape((groups, code_bits) + rest)
-    mask = np.uint32((1 << code_bits) - 1)
-    codes = []
-    for s, e in _code_spans(code_bits):
-        w0, off = divmod(s, 32)
-        val = words[:, w0] >> np.uint32(off)
-        if off + code_bits > 32:  # straddles into the next word
-            val = val | (words[:, w0 + 1] << np.uint32(32 - off))
-        codes.append(val & mask)
-    out = jnp.stack(codes, axis=1).reshape((groups * CODES_PER_GROUP,) + rest)
+    word, offset, straddle = _layout(code_bits)
+    bshape = (1, CODES_PER_GROUP) + (1,) * len(rest)
+    # One static gather of each code's first (and next) word, then shifts: a handful of
+    # vectorised ops instead of 32 slices, which keeps compiled programs small.
+    lo = jnp.take(words, word, axis=1) >> offset.astype(np.uint32).reshape(bshape)
+    nxt = jnp.take(words, np.minimum(word + 1, code_bits - 1), axis=1)
+    hi_shift = np.where(straddle, 32 - offset, 0).astype(np.uint32).reshape(bshape)
+    hi = jnp.where(straddle.reshape(bshape), nxt << hi_shift, np.uint32(0))
+    out = ((lo | hi) & np.uint32((1 << code_bits) - 1)).reshape((groups * CODES_PER_GROUP,) + rest)
     return out[:num_codes].astype(jnp.int32)
