@@ -53,10 +53,7 @@ from higgs_jax import grids, hadamard, packing
 from higgs_jax.config import HiggsConfig, NF4Config, RTNConfig, code_bits
 from higgs_jax.datawise import calibration as cal
 from higgs_jax.datawise.gptq import gptq_quantize
-from higgs_jax.datawise.quantease import (
-    _hard_threshold,  # one top-k projection for both
-    quantease_quantize,
-)
+from higgs_jax.datawise.quantease import monotone_iht, quantease_quantize
 from higgs_jax.datawise.specs import (
     DATAWISE_TYPES,
     GPTQConfig,
@@ -214,25 +211,7 @@ def _iht(w, w_hat, s_mat, sigma, lam, *, k, steps):
     e = w_hat + s_mat - w
     pe = jnp.matmul(sigma, e, precision=_HI)
     f = jnp.sum(e * pe)
-
-    def step(_, c):
-        s_mat, e, pe, f, lam = c
-        cand = _hard_threshold(s_mat - pe / lam, k)
-        e_new = e + (cand - s_mat)
-        pe_new = jnp.matmul(sigma, e_new, precision=_HI)
-        f_new = jnp.sum(e_new * pe_new)
-        ok = f_new <= f
-        pick = lambda a, b: jnp.where(ok, a, b)
-        grow = f_new > f * (1.0 + 1e-5)
-        return (
-            pick(cand, s_mat),
-            pick(e_new, e),
-            pick(pe_new, pe),
-            pick(f_new, f),
-            jnp.where(grow, 2 * lam, lam),
-        )
-
-    s_mat, _, _, f, lam = jax.lax.fori_loop(0, steps, step, (s_mat, e, pe, f, lam))
+    s_mat, _, _, f, lam = monotone_iht(s_mat, e, pe, f, lam, sigma, k=k, steps=steps)
     return s_mat, f, lam
 
 

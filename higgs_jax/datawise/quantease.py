@@ -181,6 +181,35 @@ def _hard_threshold(x, k):
     return jnp.zeros_like(flat).at[idx].set(flat[idx]).reshape(x.shape)
 
 
+def monotone_iht(s_mat, e, pe, f, lam, sigma, *, k, steps):
+    """`steps` iterative-hard-thresholding steps on the sparse part S of f = tr(E^T Sigma E).
+
+    E = W_hat + S - W is carried as `e` with `pe` = Sigma E and `f` = f(E). Each step projects
+    S - (Sigma E) / lam onto its k largest entries and is kept only if f does not increase; lam
+    (1/step) doubles on a real increase. Returns (S, E, Sigma E, f, lam).
+    """
+
+    def step(_, c):
+        s_mat, e, pe, f, lam = c
+        cand = _hard_threshold(s_mat - pe / lam, k)
+        e_new = e + (cand - s_mat)
+        pe_new = _mm(sigma, e_new)
+        f_new = jnp.sum(e_new * pe_new)
+        ok = f_new <= f
+        pick = lambda a, b: jnp.where(ok, a, b)
+        # Grow lambda only on a real increase, not on a float-rounding tie near convergence.
+        grow = f_new > f * (1.0 + 1e-5)
+        return (
+            pick(cand, s_mat),
+            pick(e_new, e),
+            pick(pe_new, pe),
+            pick(f_new, f),
+            jnp.where(grow, 2.0 * lam, lam),
+        )
+
+    return lax.fori_loop(0, steps, step, (s_mat, e, pe, f, lam))
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("p", "group_size", "num_sweeps", "num_outliers", "outlier_iters", "iht_steps"),
@@ -221,30 +250,13 @@ def _quantease_core(
 
     lam0 = _power_lambda(sigma) * 1.01
 
-    def iht_step(_, c):
-        s_mat, e, pe, f, lam = c
-        cand = _hard_threshold(s_mat - pe / lam, num_outliers)
-        e_new = e + (cand - s_mat)
-        pe_new = _mm(sigma, e_new)
-        f_new = jnp.sum(e_new * pe_new)
-        ok = f_new <= f
-        pick = lambda a, b: jnp.where(ok, a, b)
-        # Grow lambda only on a real increase, not on a float-rounding tie near convergence.
-        grow = f_new > f * (1.0 + 1e-5)
-        return (
-            pick(cand, s_mat),
-            pick(e_new, e),
-            pick(pe_new, pe),
-            pick(f_new, f),
-            jnp.where(grow, 2.0 * lam, lam),
-        )
-
     def round_body(i, c):
         codes, s_mat, lam, hist, chg = c
         e = dequantize_codes(codes, grid, scale_rows, 1) + s_mat - w
         pe = _mm(sigma, e)
         f = jnp.sum(e * pe)
-        s_mat, _, _, f, lam = lax.fori_loop(0, iht_steps, iht_step, (s_mat, e, pe, f, lam))
+        s_mat, _, _, f, lam = monotone_iht(s_mat, e, pe, f, lam, sigma, k=num_outliers,
+                                           steps=iht_steps)
         hist = hist.at[num_sweeps + 1 + 2 * i].set(f)
         codes, _, ch = _sweep(w - s_mat, sigma, grid, scale_rows, codes, p=p)
         f2 = _objective(w - s_mat, sigma, grid, scale_rows, codes)
