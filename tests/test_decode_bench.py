@@ -1,0 +1,135 @@
+"""CPU tests of benchmarks/decode_bench.py on its tiny config (XLA path; Pallas in interpret mode)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import decode_bench as db
+from higgs_jax.models import llama
+from higgs_jax.qtensor import decode_rotated as decode_rotated_qt
+from higgs_jax.quantize import expected_bits_per_weight
+
+QUANTIZED = [v for v in db.DEFAULT_VARIANTS if db.VARIANTS[v] is not None]
+BATCHES = (1,)  # batch > 1 and ascending batches: test_subprocess_mode_collects_child_results
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("decode")
+    argv = ["--tiny", "--in-process", "--layers", "1", "--no-check", "--out", str(out)]
+    argv += ["--batches", *map(str, BATCHES)]
+    return db.main(argv), out
+
+
+@pytest.mark.parametrize("variant", db.DEFAULT_VARIANTS)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_row_for_every_variant_and_batch(bench, variant, batch):
+    results, _ = bench
+    rows = [r for r in results["rows"] if r["variant"] == variant and r["batch"] == batch]
+    assert len(rows) == 1, results["errors"]
+    r = rows[0]
+    assert r["step_us"] > 0 and r["host_call_us"] > 0 and r["compile_plus_first_call_s"] > 0
+    assert math.isclose(r["tokens_per_s"], batch / (r["step_us"] * 1e-6), rel_tol=1e-9)
+    assert r["step_us_min"] <= r["step_us"] <= r["step_us_max"]
+    assert 0 <= r["first_token"] < db.model_config(1, True).vocab_size
+    if variant == "bf16":
+        assert r["speedup_vs_bf16"] == pytest.approx(1.0)
+    assert r["peak_bytes"] is None  # CPU: no allocator statistics
+
+
+def test_no_errors_and_table_lists_all(bench):
+    results, out = bench
+    assert results["errors"] == []
+    md = (out / "decode_bench.md").read_text()
+    table_rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "variant" not in ln]
+    assert len(table_rows) == len(db.DEFAULT_VARIANTS) * len(BATCHES)
+    saved = json.loads((out / "decode_bench.json").read_text())
+    assert len(saved["rows"]) == len(results["rows"])
+    assert "REDUCED" in saved["meta"]["layers_note"]
+
+
+@pytest.mark.parametrize("variant", QUANTIZED)
+def test_layer_linear_bytes_match_the_layout(bench, variant):
+    """Stored bytes of the quantized linears = expected bits/weight of each shape, summed."""
+    results, _ = bench
+    cfg = db.model_config(1, True)
+    spec = db.variant_spec(variant)
+    d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, cfg.kv_dim
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+    want = sum(expected_bits_per_weight(s, spec) * s[0] * s[1] / 8 for s in shapes)
+    row = next(r for r in results["rows"] if r["variant"] == variant)
+    assert row["layer_linear_bytes"] == pytest.approx(want * cfg.num_layers)
+    bf16 = next(r for r in results["rows"] if r["variant"] == "bf16")
+    assert (
+        row["params_bytes"] - row["layer_linear_bytes"]
+        == bf16["params_bytes"] - bf16["layer_linear_bytes"]
+    )  # embeddings, lm_head and norms stay bf16
+
+
+def test_params_bytes_shrink_with_bits(bench):
+    results, _ = bench
+    size = {r["variant"]: r["params_bytes"] for r in results["rows"] if r["batch"] == 1}
+    assert size["bf16"] > size["p2_4b"] > size["p2_3b"] > size["p2_2b"]
+
+
+def test_check_kernel_and_dense_paths_agree_with_xla():
+    """One decode step: Pallas (interpret) and the bf16 model on dequantized weights vs XLA."""
+    args = db.parse_args(["--tiny", "--layers", "1", "--batches", "1"])
+    rows = list(db.run_check(args))
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["finite"] and r["ok"]
+    assert r["rel_err_kernel_vs_xla"] < db.CHECK_MAX_REL_ERR
+    assert r["rel_err_dense_dequant_vs_xla"] < db.CHECK_MAX_REL_ERR
+
+
+@pytest.mark.parametrize("variant", QUANTIZED)
+def test_kernel_layout_leaf_decodes_like_the_higgs_tensor(variant):
+    """The load-time repack (a bit shuffle for 3-bit p=2) keeps every decoded weight."""
+    from pallas_kernels.higgs_matmul.reference import decode_rotated as decode_rotated_kw
+
+    spec = db.variant_spec(variant)
+    key = jax.random.key(3)
+    qt = db._higgs_leaf(key, 512, 96, spec, False)
+    qt.validate()
+    kw = db._higgs_leaf(key, 512, 96, spec, True)
+    np.testing.assert_array_equal(
+        np.asarray(decode_rotated_kw(kw)), np.asarray(decode_rotated_qt(qt))
+    )
+
+
+def test_linear_implementation_restores_the_model_linear():
+    original = llama.linear
+    with pytest.raises(RuntimeError), db.linear_implementation("xla"):
+        assert llama.linear is not original
+        raise RuntimeError("boom")
+    assert llama.linear is original
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--variants", "bf16", "p9_4b"],
+        ["--ctx", "500", "--cache-len", "512", "--reps", "32"],
+        ["--batches", "0"],
+        ["--layers", "0"],
+        ["--reps", "0"],
+    ],
+)
+def test_bad_arguments_raise_value_error(argv):
+    with pytest.raises(ValueError):
+        db.parse_args(argv)
+
+
+def test_subprocess_mode_collects_child_results(tmp_path):
+    argv = ["--tiny", "--layers", "1", "--batches", "2", "1", "--variants", "bf16", "--no-check"]
+    results = db.main(argv + ["--out", str(tmp_path)])
+    assert results["errors"] == []
+    assert [(r["variant"], r["batch"]) for r in results["rows"]] == [("bf16", 1), ("bf16", 2)]
+    assert all(r["step_us"] > 0 and r["tokens_per_s"] > 0 for r in results["rows"])
+    assert results["meta"]["separate_processes"]
