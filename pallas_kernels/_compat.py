@@ -75,3 +75,61 @@ def gpu_compute_capability(device: Any | None = None) -> tuple[int, int] | None:
 def device_kind(device: Any | None = None) -> str:
     device = device or jax.devices()[0]
     return str(getattr(device, "device_kind", device.platform)).replace(" ", "_")
+
+
+# ----------------------------------------------------------------- register-level PTX helpers
+# Inline PTX (NVIDIA only) for the byte-LUT GEMV kernel; `interpret=True` gives the plain-jnp
+# equivalent, bit for bit the same arithmetic except for FMA rounding (one rounding instead of
+# two), so CPU tests check the same dataflow.
+
+
+def byte_of(word: jax.Array, b: int, *, interpret: bool) -> jax.Array:
+    """Byte ``b`` (0 = least significant) of each uint32 as a uint32 in [0, 256).
+
+    On the GPU one PTX ``prmt`` (byte permute; selector nibbles 4 pick the zero operand) instead
+    of a shift and a mask.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    if interpret:
+        return (word >> np.uint32(8 * b)) & np.uint32(0xFF)
+    (out,) = _plgpu().elementwise_inline_asm(
+        "{ .reg .b32 z; mov.b32 z, 0; prmt.b32 $0, $1, z, " + hex(0x4440 | b) + "; }",
+        args=[word],
+        constraints="=r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(word.shape, jnp.uint32)],
+    )
+    return out
+
+
+def bf16_pair_fma(
+    pair: jax.Array, xa: jax.Array, xb: jax.Array, acc: jax.Array, *, interpret: bool
+) -> jax.Array:
+    """``acc + lo(pair) * xa + hi(pair) * xb`` in f32, for a uint32 holding two bf16 values.
+
+    bf16 -> f32 is exact (a 16-bit shift of the bit pattern). On the GPU: one shift, one and,
+    two fused multiply-adds in a single inline-PTX block (XLA's Triton pipeline does not fuse
+    a separate multiply and add, measured: FMUL + FADD in the SASS).
+    """
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    if interpret:
+        lo = lax.bitcast_convert_type(pair << np.uint32(16), jnp.float32)
+        hi = lax.bitcast_convert_type(pair & np.uint32(0xFFFF0000), jnp.float32)
+        return acc + lo * xa + hi * xb
+    (out,) = _plgpu().elementwise_inline_asm(
+        "{ .reg .b32 lo, hi; .reg .f32 t;"
+        " shl.b32 lo, $1, 16;"
+        " and.b32 hi, $1, 0xffff0000;"
+        " fma.rn.f32 t, lo, $2, $4;"
+        " fma.rn.f32 $0, hi, $3, t; }",
+        args=[pair, xa, xb, acc],
+        constraints="=f,r,f,f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(acc.shape, jnp.float32)],
+    )
+    return out

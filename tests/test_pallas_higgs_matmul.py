@@ -33,6 +33,8 @@ GRIDS = sorted(SUPPORTED)  # (p, n): p in {1, 2} x bits in {2, 3, 4}
 # the fma path multiplies in f32; the dot path feeds bf16/f16 operands to the tensor cores.
 TOL = {
     "fma": {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3},
+    # gemv: bf16-rounded grid tables (2^-9 relative per level), f32 multiply-add.
+    "gemv": {jnp.float32: 1e-2, jnp.bfloat16: 1e-2, jnp.float16: 1e-2},
     "dot": {jnp.float32: 1e-2, jnp.bfloat16: 1e-2, jnp.float16: 3e-3},
 }
 
@@ -196,10 +198,60 @@ def test_matches_reference_paths(p, n, path, m, dtype, k):
         (2, 16, "select"),
         (2, 256, "gather"),
         (2, 64, "gather_pair"),
+        (1, 4, "gather_pair"),
+        (1, 16, "gather_pair"),
     ],
 )
 def test_decoders(p, n, decode):
     _check_against_reference(p, n, "fma", 1, jnp.float32, 96, decode=decode, bias=False)
+
+
+BYTE_GRIDS = [(1, 4), (1, 16), (2, 16), (2, 256)]  # code bits 2, 4, 4, 8: no code straddles a byte
+
+
+@pytest.mark.parametrize("p,n", BYTE_GRIDS)
+@pytest.mark.parametrize("m,dtype,k", [(1, jnp.bfloat16, 200), (3, jnp.float16, 129)])
+def test_gemv_matches_reference(p, n, m, dtype, k):
+    """Byte-LUT GEMV kernel: odd K (padding), M = 1 and M = 3 (padded rows), bias, 2 splits."""
+    _check_against_reference(p, n, "gemv", m, dtype, k)
+
+
+@pytest.mark.parametrize("p,n", BYTE_GRIDS)
+def test_gemv_byte_tables_decode_every_byte(p, n):
+    """Each table entry holds the bf16 grid values of the weights its byte value encodes."""
+    from pallas_kernels.higgs_matmul import gemv
+
+    cb = SUPPORTED[(p, n)]
+    gv = np.asarray(make_weight(64 * p, 16, p, n).grid_values, np.float32).reshape(n, p)
+    lut = gemv.byte_lut(tuple(map(tuple, gv)), p, cb).reshape(-1, 256)
+    unpack = lambda u: np.stack([(u << 16) & 0xFFFFFFFF, u & 0xFFFF0000]).view(np.float32)  # noqa: E731
+    got = np.concatenate([unpack(lut[q].astype(np.uint32)) for q in range(lut.shape[0])])
+    for e in range(256):
+        codes = [(e >> (j * cb)) & ((1 << cb) - 1) for j in range(8 // cb)]
+        want = np.array([gv[c, d] for c in codes for d in range(p)], np.float32)
+        np.testing.assert_allclose(got[:, e], want, rtol=2**-8)
+
+
+def test_gemv_rejects_straddling_codes_and_large_m():
+    w3 = make_weight(96, 16, 1, 8)
+    with pytest.raises(ValueError, match="code_bits in"):
+        higgs_matmul_pallas(jnp.zeros((1, 96)), w3, config=_cfg("gemv", 1), interpret=True)
+    w4 = make_weight(96, 16, 1, 16)
+    with pytest.raises(ValueError, match="M=16"):
+        higgs_matmul_pallas(jnp.zeros((16, 96)), w4, config=_cfg("gemv", 1), interpret=True)
+
+
+@pytest.mark.parametrize("n", [4, 16])
+def test_pair_decoder_dot_path(n):
+    """p = 1 pair decoding (two codes per gather) on the tensor-core path, M > block."""
+    _check_against_reference(1, n, "dot", 20, jnp.bfloat16, 200, decode="gather_pair")
+
+
+def test_pair_decoder_rejects_3bit_codes():
+    w = make_weight(96, 16, 1, 8)
+    cfg = _cfg("fma", 1, "gather_pair")
+    with pytest.raises(ValueError, match="code_bits=3"):
+        higgs_matmul_pallas(jnp.zeros((1, 96)), w, config=cfg, interpret=True)
 
 
 @pytest.mark.parametrize("p,n", [(1, 16), (2, 64)])
@@ -278,7 +330,8 @@ def test_leading_axes_and_jit():
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
 def test_default_config_valid(m):
     cfg = default_config(m, 14336, 4096, 2, 4)
-    assert cfg.path == ("fma" if m <= 8 else "dot")
+    assert cfg.path == ("gemv" if m <= 8 else "dot")  # 8-bit codes: byte-LUT kernel at small M
+    assert default_config(m, 14336, 4096, 2, 3).path == ("fma" if m <= 8 else "dot")  # 6-bit
     assert cfg.units_per_step(2) >= 1
 
 
@@ -362,8 +415,8 @@ def test_gpu_matches_reference(p, n, path, m, dtype, k):
 @pytest.mark.parametrize("p,n", GRIDS)
 @pytest.mark.parametrize("decode", ["select", "gather", "poly", "gather_pair"])
 def test_gpu_decoders(p, n, decode):
-    if (decode == "poly" and p != 1) or (decode == "gather_pair" and p != 2):
-        pytest.skip("decoder needs another p")
+    if (decode == "poly" and p != 1) or (decode == "gather_pair" and (p, n) == (1, 8)):
+        pytest.skip("decoder needs another grid")
     if decode == "select" and n > 64:
         pytest.skip("select tree of 255 nodes: not a candidate")
     _check_against_reference(p, n, "fma", 1, jnp.bfloat16, 200, decode=decode)

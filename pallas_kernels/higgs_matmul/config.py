@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-PATHS = ("fma", "dot")
+PATHS = ("fma", "dot", "gemv")
 DECODES = ("auto", "poly", "select", "gather", "gather_pair")
 MAX_M = 256
 #: Largest M (after padding to a power of two) the CUDA-core (fma) path handles.
@@ -30,7 +30,8 @@ class Config:
       split_k: number of programs along K (partial sums are reduced outside the kernel).
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth.
-      path: "fma" (CUDA-core multiply-add, M <= 8) or "dot" (tensor-core bf16/f16 dot, any M).
+      path: "gemv" (byte-LUT kernel of gemv.py: M <= 8, 2/4/8-bit codes), "fma" (plane kernel,
+        CUDA-core multiply-add, M <= 8, any code width) or "dot" (tensor-core bf16/f16 dot, any M).
       block_m: rows of x per program on the "dot" path (power of two, >= 16).
       decode: how a code becomes a grid value: "poly" (exact interpolating polynomial of the
         symmetric 1-D grid's magnitudes), "select" (select tree on the code bits, constants
@@ -91,11 +92,13 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
     """Heuristic config for an (m, k) x (k, n) product with a p-dim grid of `bits` bits/weight."""
     codes = -(-k // p)  # ceil(k / p) codes per column
     units = -(-codes // 32)  # 32-code units (cb words each) per column
+    code_bits = round(bits * p)
     if m <= MAX_FMA_M:
         block_n = 128 if n >= 128 else max(16, _next_pow2(n))
-        bku = 8 if p == 1 else 4
+        bku = 8 if code_bits <= 4 else 4
         bku = min(bku, _next_pow2(units))
-        path, block_m, warps = "fma", 16, 4
+        path = "gemv" if code_bits in (2, 4, 8) else "fma"
+        block_m, warps = 16, 4
     else:
         block_m = min(64, max(16, _next_pow2(m)))
         block_n = 128 if m <= 64 else 64
@@ -114,7 +117,7 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
         num_warps=warps,
         # Dot path: with 2 stages Triton's pipeliner staged the whole (BKU, cb, BN) word tile in
         # shared memory and asked for 283-299 KB (> 227 KB) at K=14336, M=16 on an H100.
-        num_stages=2 if path == "fma" else 1,
+        num_stages=1 if path == "dot" else 2,
         path=path,
         block_m=block_m,
         decode="auto",

@@ -188,7 +188,27 @@ def higgs_matmul_kernel(
             partial = [jnp.zeros((bku, bn), jnp.float32) for _ in range(m_rows)]
         else:
             acc = carry
-        for c in range(32):
+        pair1 = decode == "gather_pair" and p == 1
+        for c in range(0, 32, 2 if pair1 else 1):
+            if pair1:
+                # Two consecutive codes (planes c, c+1) of one word form one 2w-bit index into
+                # a table of bf16 pairs: one gather decodes two weights.
+                (w,) = parts
+                cpw = 32 // w
+                field = (word(c // cpw) >> np.uint32((c % cpw) * w)) & np.uint32((1 << 2 * w) - 1)
+                lo, hi = decode_codes(
+                    field, lut_ref, decode=decode, cb=2 * w, p=2, grid_values=(), coef=()
+                )
+                for cc, v in ((c, lo), (c + 1, hi)):
+                    if path == "fma":
+                        for m in range(m_rows):
+                            xs = x_ref[m, 0, cc, pl.ds(u0, bku)].astype(jnp.float32)
+                            partial[m] = partial[m] + xs[:, None] * v
+                    else:
+                        xs = x_ref[pl.ds(i * bm, bm), 0, cc, pl.ds(u0, bku)]
+                        wv = (v * scl).astype(xs.dtype)
+                        acc = acc + jnp.dot(xs, wv, preferred_element_type=jnp.float32)
+                continue
             code = None
             row0, offset = 0, 0
             for w in parts:

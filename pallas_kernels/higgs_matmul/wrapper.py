@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels.higgs_matmul import gemv as _gemv
 from pallas_kernels.higgs_matmul import kernel as _kernel
 from pallas_kernels.higgs_matmul.config import MAX_FMA_M, MAX_M, Config, default_config
 from pallas_kernels.higgs_matmul.repack import SUPPORTED, KernelPackedWeight, repack
@@ -135,8 +136,11 @@ def resolve_decode(decode: str, kw: KernelPackedWeight) -> tuple[str, tuple[floa
         if mags is None:
             raise ValueError("decode='poly' needs a sorted, symmetric 1-D grid")
         return decode, _kernel.magnitude_poly(mags)
-    if decode == "gather_pair" and kw.p != 2:
-        raise ValueError(f"decode='gather_pair' needs p=2, got p={kw.p}")
+    if decode == "gather_pair" and kw.p != 2 and not (kw.p == 1 and kw.code_bits in (2, 4)):
+        raise ValueError(
+            f"decode='gather_pair' needs p=2, or p=1 with 2- or 4-bit codes; got p={kw.p}, "
+            f"code_bits={kw.code_bits}"
+        )
     return decode, ()
 
 
@@ -144,6 +148,11 @@ def _lut(decode: str, kw: KernelPackedWeight) -> jax.Array:
     gv = np.asarray(kw.grid_values, np.float32)  # (n, p)
     if decode == "gather_pair":
         bits = gv.astype(jnp.bfloat16).view(np.uint16).astype(np.uint32)
+        if kw.p == 1:
+            # Entry c0 | c1 << cb holds (grid[c0], grid[c1]) for two consecutive codes.
+            n = bits.shape[0]
+            c0, c1 = np.arange(n * n) % n, np.arange(n * n) // n
+            return jnp.asarray(bits[c0, 0] | (bits[c1, 0] << np.uint32(16)), jnp.uint32)
         return jnp.asarray(bits[:, 0] | (bits[:, 1] << np.uint32(16)), jnp.uint32)
     return jnp.asarray(gv.reshape(-1), jnp.float32)
 
@@ -158,9 +167,16 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
     ux = split * steps * bku
     bn = cfg.block_n
     n_out = -(-N // bn) * bn
-    if cfg.path == "fma":
+    if cfg.path in ("fma", "gemv"):
         if m > MAX_FMA_M:
-            raise ValueError(f"path='fma' supports M <= {MAX_FMA_M}, got M={m}; use path='dot'")
+            raise ValueError(
+                f"path={cfg.path!r} supports M <= {MAX_FMA_M}, got M={m}; use path='dot'"
+            )
+        if cfg.path == "gemv" and cb not in _gemv.BYTE_CODE_BITS:
+            raise ValueError(
+                f"path='gemv' needs code_bits in {_gemv.BYTE_CODE_BITS}, got {cb} (p={p}, "
+                f"n={kw.n}); use path='fma'"
+            )
         mp, bm, xdt = _next_pow2(m), 1, jnp.float32
     else:
         bm = min(cfg.block_m, max(16, _next_pow2(m)))
@@ -172,18 +188,12 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
     xr = jnp.pad(xr, [(0, mp - m), (0, ux * 32 * p - xr.shape[1])])
     xp = xr.reshape(mp, ux, 32, p).transpose(0, 3, 2, 1).astype(xdt)
 
-    body = functools.partial(
-        _kernel.higgs_matmul_kernel,
-        path=cfg.path,
-        decode=decode,
+    common = dict(
         p=p,
         cb=cb,
-        grid_values=kw.grid_values,
-        coef=coef,
         units=units,
         bku=bku,
         bn=bn,
-        bm=bm,
         steps=steps,
         n_cols=N,
         group_units_num=32 * p,
@@ -193,6 +203,22 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
         mask_rows=ux != units,
         mask_cols=n_out != N,
     )
+    if cfg.path == "gemv":
+        body = functools.partial(_gemv.higgs_gemv_kernel, interpret=interpret, **common)
+        lut = jnp.asarray(_gemv.byte_lut(kw.grid_values, p, cb))
+        name = f"higgs_gemv_p{p}_cb{cb}"
+    else:
+        body = functools.partial(
+            _kernel.higgs_matmul_kernel,
+            path=cfg.path,
+            decode=decode,
+            grid_values=kw.grid_values,
+            coef=coef,
+            bm=bm,
+            **common,
+        )
+        lut = _lut(decode, kw)
+        name = f"higgs_matmul_p{p}_cb{cb}_{cfg.path}_{decode}"
     grid = (n_out // bn, split, mp // bm if cfg.path == "dot" else 1)
     with _compat.quiet_triton_deprecation():
         partial = pl.pallas_call(
@@ -203,8 +229,8 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
             if interpret
             else _compat.compiler_params(cfg.num_warps, cfg.num_stages),
             interpret=interpret,
-            name=f"higgs_matmul_p{p}_cb{cb}_{cfg.path}_{decode}",
-        )(xp, kw.words, kw.scales, _lut(decode, kw))
+            name=name,
+        )(xp, kw.words, kw.scales, lut)
     return jnp.sum(partial, axis=0)[:m, :N]
 
 

@@ -1,0 +1,145 @@
+"""Byte-LUT GEMV kernel for small M (decode): y_partial = x_rot · decode(words) · scales.
+
+Glossary (as in kernel.py): M rows of x (padded to a power of two, M <= 8), p grid dimension,
+cb code bits (2, 4 or 8 here: codes never straddle a byte), unit = 32 codes of one column
+(cb uint32 words), BKU units x BN columns per loop step, S = split_k programs along K.
+
+Why a second kernel: Nsight Compute on the plane kernel (kernel.py, H100, 8192x28672, M=1)
+showed ~6 SASS instructions per weight (shift, extract, address, LUT load, FMUL, FADD — XLA's
+Triton pipeline does not fuse the multiply-add) at ~45% issue utilisation, with warps mostly
+stalled on the weight-word loads, which were issued lazily plane by plane and never prefetched.
+This kernel:
+- decodes a whole *byte* of codes per table lookup: byte value e of a word indexes tables of
+  bf16 pairs, ``lut[q * 256 + e]`` = weights (2q, 2q+1) of that byte, where the byte's
+  weights are ordered (code j, coordinate d) — 2 weights per lookup for 4-bit p=1 and 8-bit
+  p=2 codes, 4 weights (two lookups of one index) for 2-bit p=1 and 4-bit p=2 codes;
+- unpacks a pair and does both multiply-adds in one inline-PTX block (shift, and, 2 FFMA);
+- extracts bytes with one PTX ``prmt`` each;
+- loads every word row (and the scales) of the *next* tile before computing on the current one
+  (software pipelining in registers through the loop carry), so DRAM latency overlaps compute.
+The grid values are rounded to bf16 in the tables (2^-9 relative, far below the quantization
+error), as for the ``gather_pair`` decoder.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+
+#: Code widths whose codes never straddle a byte.
+BYTE_CODE_BITS = (2, 4, 8)
+
+
+def byte_weights(p: int, cb: int) -> list[tuple[int, int]]:
+    """(code j within the byte, coordinate d) of each weight a byte holds, in table order."""
+    if cb not in BYTE_CODE_BITS:
+        raise ValueError(f"the byte-LUT kernel needs code_bits in {BYTE_CODE_BITS}, got {cb}")
+    return [(j, d) for j in range(8 // cb) for d in range(p)]
+
+
+def byte_lut(grid_values, p: int, cb: int) -> np.ndarray:
+    """uint32[(W/2) * 256] tables of bf16 pairs for the W weights of every byte value."""
+    gv = np.asarray(grid_values, np.float32).reshape(-1, p)  # (n, p)
+    bits = gv.astype(jnp.bfloat16).view(np.uint16).astype(np.uint32)
+    e = np.arange(256, dtype=np.uint32)
+    mask = np.uint32((1 << cb) - 1)
+    ws = byte_weights(p, cb)
+    vals = [bits[(e >> np.uint32(j * cb)) & mask, d] for j, d in ws]  # each (256,)
+    tables = [vals[2 * q] | (vals[2 * q + 1] << np.uint32(16)) for q in range(len(ws) // 2)]
+    return np.concatenate(tables).astype(np.uint32)
+
+
+def higgs_gemv_kernel(
+    x_ref,  # (Mp, p, 32, U_x) f32: permuted rotated activations (as kernel.py)
+    w_ref,  # (U, cb, N) uint32 kernel-layout codes
+    s_ref,  # (G, N) scales
+    lut_ref,  # (W/2 * 256,) uint32 bf16-pair tables
+    o_ref,  # (S, Mp, N_out) f32 partial sums
+    *,
+    p: int,
+    cb: int,
+    units: int,
+    bku: int,
+    bn: int,
+    steps: int,
+    n_cols: int,
+    group_units_num: int,
+    group_units_den: int,
+    num_groups: int,
+    m_rows: int,
+    mask_rows: bool,
+    mask_cols: bool,
+    interpret: bool,
+):
+    j = pl.program_id(0)
+    s = pl.program_id(1)
+    n0 = pl.multiple_of(j * bn, bn)
+    cols = n0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
+    cpw = 32 // cb  # codes per word
+    cpb = 8 // cb  # codes per byte
+    ws = byte_weights(p, cb)
+
+    def load_tile(it):
+        u0 = pl.multiple_of((s * steps + it) * bku, bku)
+        rows = u0 + lax.broadcasted_iota(jnp.int32, (bku,), 0)
+        mask = None
+        if mask_rows:
+            mask = jnp.broadcast_to(rows[:, None] < units, (bku, bn))
+        if mask_cols:
+            cm = jnp.broadcast_to(cols < n_cols, (bku, bn))
+            mask = cm if mask is None else mask & cm
+        words = tuple(
+            _compat.load(w_ref.at[pl.ds(u0, bku), jnp.int32(t), pl.ds(n0, bn)], mask=mask, other=0)
+            for t in range(cb)
+        )
+        g_idx = (rows * group_units_num) // group_units_den
+        if mask_rows:
+            g_idx = jnp.minimum(g_idx, num_groups - 1)
+        g2 = jnp.broadcast_to(g_idx[:, None], (bku, bn))
+        c2 = jnp.broadcast_to(cols, (bku, bn))
+        if mask_cols:
+            c2 = jnp.minimum(c2, n_cols - 1)
+        scl = _compat.load(s_ref.at[g2, c2], mask=mask, other=0).astype(jnp.float32)
+        return words, scl
+
+    def step(it, carry):
+        (words, scl), acc = carry
+        nxt = load_tile(jnp.minimum(it + 1, steps - 1))  # prefetch (last step reloads itself)
+        u0 = pl.multiple_of((s * steps + it) * bku, bku)
+        partial = [jnp.zeros((bku, bn), jnp.float32) for _ in range(m_rows)]
+        xcache = {}
+
+        def xv(m, d, c):
+            if (m, d, c) not in xcache:
+                xs = x_ref[m, d, c, pl.ds(u0, bku)].astype(jnp.float32)
+                xcache[(m, d, c)] = jnp.broadcast_to(xs[:, None], (bku, bn))
+            return xcache[(m, d, c)]
+
+        for t in range(cb):
+            for b in range(4):
+                idx = _compat.byte_of(words[t], b, interpret=interpret).astype(jnp.int32)
+                c_first = t * cpw + b * cpb
+                for q in range(len(ws) // 2):
+                    pair = lut_ref[idx + q * 256] if q else lut_ref[idx]
+                    (ja, da), (jb, db) = ws[2 * q], ws[2 * q + 1]
+                    for m in range(m_rows):
+                        partial[m] = _compat.bf16_pair_fma(
+                            pair,
+                            xv(m, da, c_first + ja),
+                            xv(m, db, c_first + jb),
+                            partial[m],
+                            interpret=interpret,
+                        )
+                xcache.clear()  # keep only the current byte's activations live
+        acc = tuple(acc[m] + partial[m] * scl for m in range(m_rows))
+        return nxt, acc
+
+    init = (load_tile(0), tuple(jnp.zeros((bku, bn), jnp.float32) for _ in range(m_rows)))
+    _, out = lax.fori_loop(0, steps, step, init)
+    for m in range(m_rows):
+        o_ref[s, m, pl.ds(n0, bn)] = jnp.sum(out[m], axis=0)
