@@ -275,6 +275,11 @@ def make_decode_loop(config: llama.LlamaConfig):
 # ----------------------------------------------------------------------------- one job
 
 
+def device_info() -> dict[str, str]:
+    dev = jax.devices()[0]
+    return {"device": str(getattr(dev, "device_kind", dev.platform)), "platform": dev.platform}
+
+
 def on_gpu() -> bool:
     return jax.devices()[0].platform == "gpu"
 
@@ -452,10 +457,10 @@ def run_one(args: argparse.Namespace, job: str) -> Iterator[dict]:
     try:
         if job == "check":
             for row in run_check(args):
-                yield {"kind": "check", **row}
+                yield {"kind": "check", **row, **device_info()}
         else:
             for row in run_variant(args, job):
-                yield {"kind": "row", **row}
+                yield {"kind": "row", **row, **device_info()}
     except Exception as e:  # noqa: BLE001 - recorded, the other jobs still run
         import traceback
 
@@ -575,7 +580,11 @@ def render_markdown(results: dict) -> str:
             "scale per block, no signs) with the shipped grid for (p, bits), repacked once at load "
             "into the Pallas kernel layout (GPU); embeddings, lm_head and norms bf16"
         ),
-        "- peak mem: peak_bytes_in_use of a fresh process per variant (batches ascending)",
+        (
+            "- peak mem: peak_bytes_in_use of "
+            + ("a fresh process per variant" if m["separate_processes"] else "ONE shared process")
+            + " (batches ascending, read after each)"
+        ),
         "",
     ]
     for c in results["check"]:
@@ -647,12 +656,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t_start = time.time()
     config = model_config(args.layers, args.tiny)
     full_layers = 2 if args.tiny else 32
-    dev = jax.devices()[0]
+    # In subprocess mode the parent must not start a backend: on a GPU it would grab (by default
+    # 75% of) the device memory the children need. The device is read from the children.
+    dev = device_info() if args.in_process else {"device": "unknown", "platform": "unknown"}
     cmd_argv = sys.argv[1:] if argv is None else list(argv)
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": str(getattr(dev, "device_kind", dev.platform)),
-        "platform": dev.platform,
+        "device": dev["device"],
+        "platform": dev["platform"],
         "jax": jax.__version__,
         "command": "PYTHONPATH=. python benchmarks/decode_bench.py " + " ".join(cmd_argv),
         "model": "tiny CPU smoke config" if args.tiny else "Llama-3.1-8B shapes (random weights)",
@@ -696,9 +707,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.in_process:
             records = list(run_one(args, job))
         else:
-            records = run_subprocess(args, job, left)
+            # the check is a sanity step: it may not eat the timing jobs' budget
+            records = run_subprocess(
+                args, job, min(left, 0.3 * args.budget_s) if job == "check" else left
+            )
         for rec in records:
             kind = rec.pop("kind")
+            if "device" in rec:
+                meta["device"], meta["platform"] = rec.pop("device"), rec.pop("platform")
             {"check": results["check"], "row": results["rows"], "error": results["errors"]}[
                 kind
             ].append(rec)

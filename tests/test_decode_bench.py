@@ -133,3 +133,4 @@ def test_subprocess_mode_collects_child_results(tmp_path):
     assert [(r["variant"], r["batch"]) for r in results["rows"]] == [("bf16", 1), ("bf16", 2)]
     assert all(r["step_us"] > 0 and r["tokens_per_s"] > 0 for r in results["rows"])
     assert results["meta"]["separate_processes"]
+    assert results["meta"]["platform"] == "cpu"  # read from the child, not the parent's backend
