@@ -44,6 +44,7 @@ __all__ = [
     "dequantize_codes",
     "gptq_quantize",
     "hessian_objective",
+    "first_argmin",
     "nearest_grid_code",
 ]
 
@@ -71,7 +72,21 @@ def nearest_grid_code(v: jax.Array, grid: jax.Array) -> jax.Array:
     """
     grid = jnp.asarray(grid, jnp.float32)
     score = 2.0 * jnp.einsum("...p,np->...n", v, grid, precision=_HI) - jnp.sum(grid * grid, -1)
-    return jnp.argmax(score, axis=-1).astype(jnp.int32)
+    return first_argmin(-score, axis=-1)[0]
+
+
+def first_argmin(score: jax.Array, axis: int = 0) -> tuple[jax.Array, jax.Array]:
+    """``(jnp.argmin(score, axis), jnp.min(score, axis))`` for finite scores: the first index of the
+    minimum and the minimum itself.
+
+    Two plain reductions (min, then min of the matching indices) instead of XLA's variadic
+    (value, index) reduction, which is several times slower on CPU; same result (ties go to the
+    lowest index, as `jnp.argmin`).
+    """
+    best = jnp.min(score, axis=axis, keepdims=True)
+    idx = lax.broadcasted_iota(jnp.int32, score.shape, axis % score.ndim)
+    first = jnp.min(jnp.where(score <= best, idx, score.shape[axis]), axis=axis)
+    return first.astype(jnp.int32), jnp.squeeze(best, axis)
 
 
 def dequantize_codes(
@@ -194,6 +209,19 @@ def _gptq_core(w, sigma, grid, scales, damp, *, p, group_size, block, hessian_as
         u = jnp.pad(u, ((0, pad), (0, pad)))
         u = u + jnp.diag(jnp.concatenate([jnp.zeros(k), jnp.ones(pad)]).astype(jnp.float32))
 
+    hess = hessian_assignment and p > 1
+    if hess:
+        # Cost of fixing p-block B to q after the optimal update of later rows:
+        # (v - q)^T M (v - q), M = inv(U_BB^T U_BB) = inv(inv(Sigma_F)[B, B]). M depends on U
+        # only, so every block's M and grid quadratic form g_m^T M g_m are computed up front
+        # (one batched p x p inverse) instead of inside the sequential loop.
+        nblk = kp // p
+        ubb_all = u.reshape(nblk, p, nblk, p)[jnp.arange(nblk), :, jnp.arange(nblk), :]
+        m_all = jnp.linalg.inv(jnp.einsum("bji,bjk->bik", ubb_all, ubb_all, precision=_HI))
+        m_all = 0.5 * (m_all + jnp.swapaxes(m_all, 1, 2))  # (kp/p, p, p)
+        gm_all = jnp.einsum("np,bpq->bnq", grid, m_all, precision=_HI)
+        qd_all = jnp.sum(gm_all * grid[None], -1)  # (kp/p, n): g_m^T M g_m
+
     def block_body(b, carry):
         wcur, codes = carry
         i1 = b * block
@@ -201,6 +229,9 @@ def _gptq_core(w, sigma, grid, scales, damp, *, p, group_size, block, hessian_as
         ub = lax.dynamic_slice(u, (i1, i1), (block, block))
         ud = jnp.diagonal(ub)
         sb = lax.dynamic_slice(scale_rows, (i1, 0), (block, n_cols))
+        if hess:
+            mb = lax.dynamic_slice(m_all, (i1 // p, 0, 0), (block // p, p, p))
+            qdb = lax.dynamic_slice(qd_all, (i1 // p, 0), (block // p, qd_all.shape[1]))
 
         def step(t, c):
             wb, err, cb = c
@@ -208,17 +239,11 @@ def _gptq_core(w, sigma, grid, scales, damp, *, p, group_size, block, hessian_as
             v = lax.dynamic_slice(wb, (r0, 0), (p, n_cols))
             s = lax.dynamic_slice(sb, (r0, 0), (1, n_cols))[0]
             safe = jnp.where(s == 0, 1.0, s)
-            if hessian_assignment and p > 1:
-                # Cost of fixing the block to q after the optimal update of later rows:
-                # (v - q)^T M (v - q), M = inv(U_BB^T U_BB) = inv(inv(Sigma_F)[B, B]).
-                ubb = lax.dynamic_slice(ub, (r0, r0), (p, p))
-                m = jnp.linalg.inv(_mm(ubb.T, ubb))
-                m = 0.5 * (m + m.T)
-                gm = _mm(grid, m)  # (n, p)
-                score = (s * s)[None, :] * jnp.sum(gm * grid, 1)[:, None] - 2.0 * s[None, :] * _mm(
-                    gm, v
-                )
-                code = jnp.argmin(score, axis=0).astype(jnp.int32)
+            if hess:
+                m, qd = mb[t], qdb[t]
+                # (v - q)^T M (v - q) up to a constant, q = s g_m: s^2 g^T M g - 2 s g^T (M v).
+                score = (s * s)[None, :] * qd[:, None] - 2.0 * s[None, :] * _mm(grid, _mm(m, v))
+                code = first_argmin(score, axis=0)[0]
             else:
                 code = nearest_grid_code((v / safe).T, grid)  # (N,)
             q = grid[code].T * s  # (p, N)

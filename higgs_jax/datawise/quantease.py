@@ -49,6 +49,7 @@ from higgs_jax.datawise.gptq import (
     _mm,
     _validate_problem,
     dequantize_codes,
+    first_argmin,
     nearest_grid_code,
 )
 
@@ -95,8 +96,21 @@ def _batch_blocks(k: int, p: int, max_rows: int = 128) -> int:
     return max(d for d in range(1, max(1, max_rows // p) + 1) if m % d == 0)
 
 
-def _sweep(target, sigma, grid, scale_rows, codes, *, p):
+def _grid_quadratic_forms(sigma, grid, p):
+    """``qd[j, m] = g_m^T A_j g_m`` for every p-block j (A_j = Sigma[B_j, B_j]): (K/p, n).
+
+    Depends on Sigma only, so it is computed once per call instead of in every block step.
+    """
+    nb = sigma.shape[0] // p
+    a_all = sigma.reshape(nb, p, nb, p)[jnp.arange(nb), :, jnp.arange(nb), :]  # (K/p, p, p)
+    ga = jnp.einsum("np,jpq->jnq", grid, a_all, precision=lax.Precision.HIGHEST)
+    return jnp.sum(ga * grid[None], -1)
+
+
+def _sweep(target, sigma, grid, scale_rows, codes, qd_all, *, p):
     """One cyclic sweep over the K/p blocks. Returns (codes, objective before sweep, changed).
+
+    `qd_all` is `_grid_quadratic_forms(sigma, grid, p)`.
 
     Lazy batches (as in GPTQ): within a batch of rows only the batch's own rows of P = Sigma R are
     updated after each block (they are the only ones read there); the rest of P gets the batch's
@@ -123,6 +137,7 @@ def _sweep(target, sigma, grid, scale_rows, codes, *, p):
         pbat = lax.dynamic_slice(pr, (b0, 0), (rows, n_cols))
         sbat = lax.dynamic_slice(scale_rows, (b0, 0), (rows, n_cols))
         cbat = lax.dynamic_slice(codes, (b * nb, 0), (nb, n_cols))
+        qdbat = lax.dynamic_slice(qd_all, (b * nb, 0), (nb, qd_all.shape[1]))
 
         def body(t, c):
             pbat, cbat, dbat, changed = c
@@ -134,11 +149,9 @@ def _sweep(target, sigma, grid, scale_rows, codes, *, p):
             cur = lax.dynamic_slice(cbat, (t, 0), (1, n_cols))[0]
             cur_v = deq(cur, s)
             au = pb + _mm(a, cur_v)  # A u_B, (p, N)
-            ga = _mm(gq, a)  # (n, p)
-            qd = jnp.sum(ga * gq, axis=1)  # g_m^T A g_m
+            qd = qdbat[t]  # g_m^T A g_m, (n,)
             score = (s * s)[None, :] * qd[:, None] - 2.0 * s[None, :] * _mm(gq, au)  # (n, N)
-            best = jnp.argmin(score, axis=0).astype(jnp.int32)
-            best_score = jnp.min(score, axis=0)
+            best, best_score = first_argmin(score, axis=0)
             cur_score = jnp.take_along_axis(score, cur[None], axis=0)[0]
             new = jnp.where(best_score < cur_score, best, cur)
             delta = deq(new, s) - cur_v  # change of W_hat_B; R_B -= delta
@@ -232,10 +245,11 @@ def _quantease_core(
     sigma = 0.5 * (sigma.astype(jnp.float32) + sigma.astype(jnp.float32).T)
     grid = grid.astype(jnp.float32)
     scale_rows = jnp.repeat(scales.astype(jnp.float32), group_size, axis=0)  # (K, N)
+    qd_all = _grid_quadratic_forms(sigma, grid, p)
 
     def plain(i, c):
         codes, hist, chg = c
-        codes, f0, ch = _sweep(w, sigma, grid, scale_rows, codes, p=p)
+        codes, f0, ch = _sweep(w, sigma, grid, scale_rows, codes, qd_all, p=p)
         return codes, hist.at[i].set(f0), chg.at[i].set(ch)
 
     n_hist = 1 + num_sweeps + 2 * outlier_iters
@@ -258,7 +272,7 @@ def _quantease_core(
         s_mat, _, _, f, lam = monotone_iht(s_mat, e, pe, f, lam, sigma, k=num_outliers,
                                            steps=iht_steps)
         hist = hist.at[num_sweeps + 1 + 2 * i].set(f)
-        codes, _, ch = _sweep(w - s_mat, sigma, grid, scale_rows, codes, p=p)
+        codes, _, ch = _sweep(w - s_mat, sigma, grid, scale_rows, codes, qd_all, p=p)
         f2 = _objective(w - s_mat, sigma, grid, scale_rows, codes)
         hist = hist.at[num_sweeps + 2 + 2 * i].set(f2)
         return codes, s_mat, lam, hist, chg.at[num_sweeps + i].set(ch)
