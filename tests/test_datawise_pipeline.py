@@ -22,10 +22,12 @@ from higgs_jax.config import HiggsConfig, NF4Config, RTNConfig
 from higgs_jax.datawise import calibration as cal
 from higgs_jax.datawise.pipeline import (
     DatawiseLayerReport,
+    can_share_solve,
     datawise_plan,
     hessian_error,
     plan_datawise,
     quantize_datawise,
+    quantize_datawise_shared,
     quantize_params_datawise,
 )
 from higgs_jax.datawise.specs import GPTQConfig, QuantEaseConfig
@@ -107,6 +109,56 @@ def test_same_layout_scales_and_signs_as_datafree(base):
     np.testing.assert_allclose(
         np.asarray(linear(x, qt)), np.asarray(x @ dequantize(qt, jnp.float32)), rtol=2e-4, atol=2e-4
     )
+
+
+SHARED_SPECS = {
+    "gptq_higgs_p2": GPTQConfig(HiggsConfig(bits=3, p=2, hadamard_size=64)),
+    "quantease_higgs_p1_g32": QuantEaseConfig(
+        HiggsConfig(bits=3, p=1, hadamard_size=128, group_size=32), num_sweeps=3
+    ),
+    "gptq_rtn": GPTQConfig(RTNConfig(bits=3, group_size=32)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_SPECS))
+def test_shared_solve_equals_per_kernel(name):
+    # Kernels reading one input (q/k/v) solved as one column-concatenated problem: every column is
+    # independent given Sigma, so codes, scales and reported errors equal the per-kernel solves.
+    spec = SHARED_SPECS[name]
+    w, sigma = problem(seed=3, n=40)
+    ws = [w[:, :24], w[:, 24:32], w[:, 32:]]
+    for wi, (qt, info) in zip(ws, quantize_datawise_shared(ws, sigma, spec)):
+        q1, i1 = quantize_datawise(wi, sigma, spec)
+        assert qt.shape == q1.shape == wi.shape
+        np.testing.assert_array_equal(np.asarray(unpack(qt)), np.asarray(unpack(q1)))
+        np.testing.assert_array_equal(np.asarray(qt.scales), np.asarray(q1.scales))
+        assert info.hessian_error == pytest.approx(i1.hessian_error, rel=1e-5)
+        assert info.hessian_error_datafree == pytest.approx(i1.hessian_error_datafree, rel=1e-5)
+        assert info.t2_datafree == pytest.approx(i1.t2_datafree, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantEaseConfig(HiggsConfig(bits=3, p=1, hadamard_size=64), outlier_fraction=0.01),
+        GPTQConfig(HiggsConfig(bits=3, p=1, hadamard_size=64, random_signs=True)),
+        HiggsConfig(bits=3, p=1, hadamard_size=64),
+    ],
+)
+def test_shared_solve_refuses_layer_specific_specs(spec):
+    w, sigma = problem()
+    assert not can_share_solve(spec)
+    with pytest.raises(ValueError, match="cannot share"):
+        quantize_datawise_shared([w, w], sigma, spec)
+
+
+def test_shared_solve_bad_kernels():
+    w, sigma = problem()
+    spec = GPTQConfig(HiggsConfig(bits=3, p=1, hadamard_size=64))
+    with pytest.raises(ValueError, match="one K"):
+        quantize_datawise_shared([w, w[:64]], sigma, spec)
+    with pytest.raises(ValueError, match="one K"):
+        quantize_datawise_shared([], sigma, spec)
 
 
 def test_torch_layout_axis1_matches_axis0():
@@ -339,6 +391,29 @@ def test_pipeline_gptq_3bit_perplexity(tiny, gptq_run):
     assert rep.calibration["num_samples"] == 8 and not rep.calibration["cache_hit"]
     assert "embed_tokens/embedding" in {r.path for r in rep.layers if r.method == "kept"}
     json.loads(rep.to_json())
+
+
+def test_pipeline_shared_inputs_same_codes(tiny, gptq_run):
+    # q/k/v and gate/up solved together (default) give the same tensors as one solve per kernel.
+    q_shared, rep, _ = gptq_run
+    q_single, rep1 = quantize_params_datawise(
+        tiny["params"],
+        tiny["config"],
+        tiny["calib"],
+        GPTQConfig(BASE3),
+        sequential="block",
+        share_inputs=False,
+        **CALIB,
+    )
+    shared = {r.path for r in rep.layers if "solved with" in r.reason}
+    assert len(shared) == 5 * tiny["config"].num_layers  # q, k, v, gate, up
+    assert not any("solved with" in r.reason for r in rep1.layers)
+    for path in shared:
+        keys = path.split("/")
+        a, b = q_shared, q_single
+        for k in keys:
+            a, b = a[k], b[k]
+        np.testing.assert_array_equal(np.asarray(unpack(a)), np.asarray(unpack(b)))
 
 
 def test_pipeline_quantease_outliers_beats_datafree(tiny):

@@ -83,7 +83,9 @@ __all__ = [
     "datawise_plan",
     "hessian_error",
     "plan_datawise",
+    "can_share_solve",
     "quantize_datawise",
+    "quantize_datawise_shared",
     "quantize_params_datawise",
 ]
 
@@ -270,6 +272,13 @@ def quantize_datawise(
         dampening (GPTQ says which damp to raise).
     """
     t0 = time.perf_counter()
+    qt, qt0, wk, t2_0, diag = _solve(w, sigma, spec, axis=axis, key=key)
+    return qt, _info(spec, wk, qt, qt0, t2_0, sigma, diag, time.perf_counter() - t0)
+
+
+def _solve(w, sigma, spec, *, axis, key):
+    """Steps 1-4 of the module docstring: (tensor, data-free tensor, W as (K, N) float32,
+    data-free t^2, (damp_added, num_outliers, num_dead, condition, notes))."""
     if not isinstance(spec, DATAWISE_TYPES):
         raise ValueError(f"spec must be a GPTQConfig or QuantEaseConfig, got {spec!r}")  # noqa: TRY004
     base = spec.base
@@ -337,29 +346,99 @@ def quantize_datawise(
         extra = {"outlier_rows": rows, "outlier_cols": cols, "outlier_values": vals}
     qt = dataclasses.replace(qt0, codes=packed, **extra)
     qt.validate()
+    return qt, qt0, wk, t2_0, (damp_added, num_outliers, dead, cond, "; ".join(notes))
 
-    # Not jitted: the unrolled bit-unpacking compiles slowly and runs in a few dispatches anyway.
+
+def _info(spec, wk, qt, qt0, t2_0, sigma, diag, seconds) -> DatawiseInfo:
+    """Errors of `qt` (and of the data-free `qt0`) against W (K, N) on Sigma."""
+    sigma = jnp.asarray(sigma, jnp.float32)
     w_hat = dequantize(qt, jnp.float32)
     w_hat0 = dequantize(qt0, jnp.float32)
     if qt.contraction_axis == 1:
         w_hat, w_hat0 = w_hat.T, w_hat0.T
     e2, w2, he, hw = (float(x) for x in _errors(wk, w_hat, sigma))
-    _, _, he0, _ = (float(x) for x in _errors(wk, w_hat0, sigma))
+    e02, _, he0, _ = (float(x) for x in _errors(wk, w_hat0, sigma))
     rel = lambda a, b: a / b if b > 0 else 0.0
-    info = DatawiseInfo(
+    damp_added, num_outliers, dead, cond, notes = diag
+    return DatawiseInfo(
         method=spec.method,
         t2=rel(e2, w2),
-        t2_datafree=t2_0,
+        t2_datafree=rel(e02, w2) if t2_0 is None else t2_0,
         hessian_error=rel(he, hw),
         hessian_error_datafree=rel(he0, hw),
         num_outliers=num_outliers,
         damp_added=damp_added,
         num_dead_inputs=dead,
         sigma_condition=cond,
-        notes="; ".join(notes),
-        seconds=time.perf_counter() - t0,
+        notes=notes,
+        seconds=seconds,
     )
-    return qt, info
+
+
+def can_share_solve(spec: Any) -> bool:
+    """Whether layers with this spec and a common Sigma may be solved as one problem.
+
+    True for GPTQ / QuantEase without outliers and without random signs: every output column is
+    then an independent problem given Sigma (same rotation, per-column scales, codes packed per
+    column), so the columns of several kernels can be concatenated. Outliers (a top-k over the
+    whole matrix) and per-layer random signs (a per-layer Sigma_rot) are layer-specific.
+    """
+    if not is_datawise(spec):
+        return False
+    if isinstance(spec, QuantEaseConfig) and spec.outlier_fraction is not None:
+        return False
+    return not (isinstance(spec.base, HiggsConfig) and spec.base.random_signs)
+
+
+def quantize_datawise_shared(
+    ws: Sequence[jax.Array], sigma: jax.Array, spec: GPTQConfig | QuantEaseConfig
+) -> list[tuple[HiggsTensor, DatawiseInfo]]:
+    """`quantize_datawise` for several (K, N_i) kernels that read the same input (q/k/v, gate/up).
+
+    The kernels are concatenated along N and solved once (one Sigma factorisation, one sequential
+    GPTQ / QuantEase pass instead of one per kernel): per column this is exactly the problem each
+    kernel poses alone (see `can_share_solve`), so the result equals
+    ``[quantize_datawise(w, sigma, spec) for w in ws]`` up to float rounding in the shared matmuls.
+
+    Args:
+      ws: (K, N_i) float kernels (contraction axis 0), same K.
+      sigma: (K, K) input second moment.
+      spec: a spec for which `can_share_solve` holds.
+
+    Returns:
+      One (tensor, info) per kernel; `info.seconds` is the shared wall time split by columns.
+
+    Raises:
+      ValueError: empty `ws`, different K, non-2-D kernels, or a spec that cannot share a solve.
+    """
+    t0 = time.perf_counter()
+    if not can_share_solve(spec):
+        raise ValueError(
+            f"spec {spec!r} cannot share one solve between kernels (needs GPTQ/QuantEase without "
+            "outliers or random signs)"
+        )
+    ws = [jnp.asarray(w) for w in ws]
+    if not ws or any(w.ndim != 2 for w in ws) or len({w.shape[0] for w in ws}) != 1:
+        raise ValueError(
+            f"ws must be non-empty (K, N_i) kernels with one K, got {[w.shape for w in ws]}"
+        )
+    qt, qt0, wk, _, diag = _solve(jnp.concatenate(ws, axis=1), sigma, spec, axis=0, key=None)
+    total = sum(w.shape[1] for w in ws)
+    seconds = time.perf_counter() - t0
+    out, c0 = [], 0
+    for w in ws:
+        c1 = c0 + w.shape[1]
+        part = lambda t: dataclasses.replace(
+            t, codes=t.codes[:, c0:c1], scales=t.scales[:, c0:c1], shape=tuple(w.shape)
+        )
+        qi, qi0 = part(qt), part(qt0)
+        qi.validate()
+        info = _info(
+            spec, wk[:, c0:c1], qi, qi0, None, sigma, diag, seconds * w.shape[1] / total
+        )
+        out.append((qi, info))
+        c0 = c1
+    return out
 
 
 def _outlier_rounds(wk, sigma, s_rot, codes, grid, scales, qt0, spec, num_outliers):
@@ -518,6 +597,7 @@ def quantize_params_datawise(
     sequential: str = "layer",
     batch_size: int = 8,
     dtype: Any = jnp.float32,
+    share_inputs: bool = True,
 ) -> tuple[Any, DatawiseReport]:
     """Quantizes a Llama-family params tree with calibration data, block by block.
 
@@ -540,6 +620,9 @@ def quantize_params_datawise(
       sequential: "layer" (default), "block" or "none" (see the module docstring).
       batch_size: windows per forward pass (bounds activation memory).
       dtype: compute dtype of the forward passes.
+      share_inputs: solve kernels of one block that read the same input and have the same spec
+        (q/k/v, gate/up) as one problem (`quantize_datawise_shared`; when `can_share_solve`):
+        same result up to float rounding, fewer sequential steps and factorisations.
 
     Returns:
       (quantized params, `DatawiseReport`).
@@ -553,6 +636,8 @@ def quantize_params_datawise(
         raise ValueError(f"sequential must be one of {SEQUENTIAL_MODES}, got {sequential!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(share_inputs, bool):
+        raise ValueError(f"share_inputs must be a bool, got {share_inputs!r}")
     if isinstance(seqlen, int) and seqlen > config.max_position_embeddings:
         raise ValueError(
             f"seqlen={seqlen} exceeds max_position_embeddings={config.max_position_embeddings}"
@@ -669,6 +754,60 @@ def quantize_params_datawise(
         results[path] = (qt, rep)
         return dequantize(qt, jnp.dtype(leaf.dtype))
 
+    def quantize_shared(paths: list[str], sigma: np.ndarray) -> list[jax.Array]:
+        spec = plan[paths[0]].spec
+        try:
+            res = quantize_datawise_shared(
+                [leaves[pth] for pth in paths], jnp.asarray(sigma) / meta["num_tokens"], spec
+            )
+        except ValueError as e:
+            raise ValueError(f"layers {paths!r}: {e}") from None
+        deqs = []
+        for pth, (qt, info) in zip(paths, res):
+            lp = plan[pth]
+            jax.block_until_ready(qt.codes)
+            results[pth] = (
+                qt,
+                DatawiseLayerReport(
+                    pth,
+                    lp.shape,
+                    spec.method,
+                    spec.describe(),
+                    qt.bits_per_weight,
+                    info.t2,
+                    info.seconds,
+                    lp.reason + " (solved with " + ", ".join(paths) + ")",
+                    t2_datafree=info.t2_datafree,
+                    hessian_error=info.hessian_error,
+                    hessian_error_datafree=info.hessian_error_datafree,
+                    num_outliers=info.num_outliers,
+                    notes=info.notes,
+                ),
+            )
+            deqs.append(dequantize(qt, jnp.dtype(leaves[pth].dtype)))
+        return deqs
+
+    def groups_of(stage_layers):
+        """Stage layers as solve groups: same spec, shareable, contraction axis 0 -> one group."""
+        if not share_inputs:
+            return [[x] for x in stage_layers]
+        out: list[list[tuple[str, str, str]]] = []
+        for x in stage_layers:
+            lp = plan[x[0]]
+            for grp in out:
+                lp0 = plan[grp[0][0]]
+                if (
+                    can_share_solve(lp.spec)
+                    and lp0.spec == lp.spec
+                    and lp.axis == lp0.axis == 0
+                    and grp[0][2] == x[2]
+                ):
+                    grp.append(x)
+                    break
+            else:
+                out.append([x])
+        return out
+
     sig_store: dict[str, np.ndarray] = {}
     t_calib = 0.0
     bar = None
@@ -711,11 +850,19 @@ def quantize_params_datawise(
                     t1 = time.perf_counter()
                     sigma_pass(lp_fp if sequential == "none" else lp_cur, i, want)
                     t_calib += time.perf_counter() - t1
-                for path, sub, tap in stage_layers:
-                    src = cached if cached is not None else sig_store
-                    sigma = src.get(f"layers_{i}.{tap}") if is_datawise(plan[path].spec) else None
-                    deq = quantize_leaf(path, sigma)
-                    lp_cur = _set(lp_cur, sub.split("/") + ["kernel"], deq)
+                src = cached if cached is not None else sig_store
+                for grp in groups_of(stage_layers):
+                    tap = grp[0][2]
+                    if len(grp) > 1:
+                        deqs = quantize_shared([x[0] for x in grp], src[f"layers_{i}.{tap}"])
+                    else:
+                        path = grp[0][0]
+                        sigma = (
+                            src.get(f"layers_{i}.{tap}") if is_datawise(plan[path].spec) else None
+                        )
+                        deqs = [quantize_leaf(path, sigma)]
+                    for (_, sub, _), deq in zip(grp, deqs):
+                        lp_cur = _set(lp_cur, sub.split("/") + ["kernel"], deq)
             if hs is not None and (i < config.num_layers - 1 or (-1, cal.LM_HEAD_TAP) in need):
                 t1 = time.perf_counter()
                 lp_prop = lp_fp if sequential == "none" else lp_cur
