@@ -151,6 +151,12 @@ def main(argv=None):
     ap.add_argument("--calib-seqlen", type=int, default=2048)
     ap.add_argument("--calib-batch", type=int, default=8)
     ap.add_argument("--sequential", choices=["layer", "block", "none"], default="layer")
+    ap.add_argument(
+        "--no-share-inputs",
+        action="store_true",
+        help="solve q/k/v and gate/up one kernel at a time (default: one solve per shared input; "
+        "same result up to float rounding)",
+    )
     ap.add_argument("--sweeps", type=int, default=20, help="QuantEase sweeps")
     ap.add_argument("--datawise-p", type=int, default=2, help="grid dimension of GPTQ/QuantEase")
     ap.add_argument(
@@ -205,6 +211,7 @@ def main(argv=None):
         "calib_samples": args.calib_samples,
         "calib_seqlen": calib_seqlen,
         "sequential": args.sequential,
+        "share_inputs": not args.no_share_inputs,
         "sweeps": args.sweeps,
         "eval_text": str(eval_path),
         "calib_text": str(calib_path),
@@ -283,12 +290,15 @@ def main(argv=None):
                 sequential=args.sequential,
                 batch_size=args.calib_batch,
                 calib_source=str(calib_path),
+                share_inputs=not args.no_share_inputs,
             )
         else:
             q, rep = quantize_params(params, rules, key=jax.random.key(0))
         jax.block_until_ready(jax.tree_util.tree_leaves(q))
         tq = time.perf_counter() - t1
+        t2 = time.perf_counter()
         p = ppl(dequantize_params(q))
+        t_eval = time.perf_counter() - t2
         row = {
             "budget": c.budget,
             "family": c.family,
@@ -298,22 +308,32 @@ def main(argv=None):
             "ppl": p,
             "dppl": p - fp_ppl,
             "quant_s": tq,
+            "eval_s": t_eval,
             "model_mb": rep.total_megabytes,
         }
         dw = [r for r in rep.layers if isinstance(r, DatawiseLayerReport)]
         if dw:
             row["calib_s"] = rep.calibration["calibration_seconds"]
+            # Layer solve time (data-free start, Sigma checks, GPTQ / QuantEase, packing, errors).
+            row["solve_s"] = float(sum(r.seconds for r in dw))
             row["mean_hessian_error"] = float(np.mean([r.hessian_error for r in dw]))
             row["mean_hessian_error_datafree"] = float(
                 np.mean([r.hessian_error_datafree for r in dw])
             )
+            # Sum over layers of tr(E Sigma E^T) / tr(W Sigma W^T) (each layer on its own Sigma,
+            # which in sequential modes depends on the method's earlier layers).
+            row["sum_hessian_error"] = float(np.sum([r.hessian_error for r in dw]))
+            row["sum_hessian_error_datafree"] = float(
+                np.sum([r.hessian_error_datafree for r in dw])
+            )
             row["notes"] = sorted({r.notes for r in dw if r.notes})[:3]
         rows.append(row)
         extra = (
-            f" H-err {row['mean_hessian_error_datafree']:.4f}->{row['mean_hessian_error']:.4f}"
+            f" (calib {row['calib_s']:.1f}s, solve {row['solve_s']:.1f}s) sum H-err "
+            f"{row['sum_hessian_error_datafree']:.4f}->{row['sum_hessian_error']:.4f}"
             if dw
             else ""
-        )
+        ) + f" eval {t_eval:.1f}s"
         log(
             f"  [{c.budget:>4s}] {c.name:28s} bits {row['bits']:6.3f} PPL {p:9.4f} "
             f"dPPL {p - fp_ppl:+8.4f} quant {tq:7.1f}s{extra}"
@@ -327,11 +347,13 @@ def main(argv=None):
     log(
         "\n"
         + f"{'budget':>6s} {'method':30s} {'bits/w':>7s} {'PPL':>9s} {'dPPL':>9s} {'quant s':>8s}"
+        + f" {'sum H-err':>10s}"
     )
     for r in payload["rows"]:
+        he = f"{r['sum_hessian_error']:10.4f}" if "sum_hessian_error" in r else f"{'':10s}"
         log(
             f"{r['budget']:>6s} {r['method']:30s} {r['bits']:7.3f} {r['ppl']:9.4f} {r['dppl']:+9.4f} "
-            f"{r['quant_s']:8.1f}"
+            f"{r['quant_s']:8.1f} {he}"
         )
 
 
@@ -352,12 +374,21 @@ def _verdicts(rows, budgets):
         g = [r for r in rs if r["family"] == "gptq"]
         q = [r for r in rs if r["family"] == "quantease"]
         qe_vs = None if not (g and q) else bool(q[0]["dppl"] <= g[0]["dppl"])
+        he_vs = None
+        if g and q and "sum_hessian_error" in g[0] and "sum_hessian_error" in q[0]:
+            he_vs = bool(q[0]["sum_hessian_error"] <= g[0]["sum_hessian_error"])
         rival_s = ", ".join(f"{r['method']} {r['dppl']:+.4f}" for r in rivals) or "none"
         text = (
             f"~{b} bits: best {best['method']} ({best['bits']:.3f}b, dPPL {best['dppl']:+.4f}) "
             + ("beats" if ok else "does NOT beat")
             + f" NF4/RTN at >= its bits ({rival_s})"
             + ("" if qe_vs is None else f"; QuantEase <= GPTQ dPPL: {qe_vs}")
+            + (
+                ""
+                if he_vs is None
+                else f"; QuantEase <= GPTQ summed H-err: {he_vs} "
+                f"({q[0]['sum_hessian_error']:.4f} vs {g[0]['sum_hessian_error']:.4f})"
+            )
         )
         out.append(
             {
@@ -365,6 +396,7 @@ def _verdicts(rows, budgets):
                 "best": best["method"],
                 "beats_baselines": ok,
                 "quantease_le_gptq": qe_vs,
+                "quantease_le_gptq_hessian_error": he_vs,
                 "text": text,
             }
         )
