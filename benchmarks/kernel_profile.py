@@ -48,7 +48,7 @@ METRICS = (
 GRIDS = {"p1_2b": (1, 4), "p1_3b": (1, 8), "p1_4b": (1, 16), "p2_2b": (2, 16), "p2_3b": (2, 64), "p2_4b": (2, 256)}
 
 
-def _moves(b, p: int) -> list:
+def _moves(b, p: int) -> list:  # noqa: D401 - kept for ad-hoc sweeps
     """The config b and its one-knob-at-a-time neighbours."""
     cands = [b]
     bku = b.units_per_step(p)
@@ -78,7 +78,13 @@ def variants(
         cfgs = []
         if "gemv" in paths and cb in (2, 4, 8):
             g = dataclasses.replace(base, path="gemv", block_k=(8 if cb <= 4 else 4) * 32 * p)
-            cfgs += [g] if defaults_only else _moves(g, p)
+            for lookup in ("code", "byte"):
+                for vol in (False, True):
+                    b = dataclasses.replace(g, decode=lookup, volatile=vol)
+                    cfgs.append(b)
+                    if not defaults_only:
+                        cfgs.append(dataclasses.replace(b, block_k=b.block_k // 2))
+                        cfgs.append(dataclasses.replace(b, split_k=b.split_k * 2))
         if "fma" in paths:
             dec = "gather_pair" if (p == 2 or cb in (2, 4)) else "gather"
             cfgs.append(dataclasses.replace(base, path="fma", decode=dec))
@@ -109,7 +115,7 @@ def run_variants(vs: list[dict], interpret: bool) -> None:
             v["ok"] = False
             v["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         v["compile_s"] = time.perf_counter() - t0
-        print(f"# {i:3d} {v['grid']} {v['path']} {v['decode']:11s} bn={v['block_n']} bk={v['block_k']} "
+        print(f"# {i:3d} {v['grid']} {v['path']} {v['decode']:11s} vol={v.get('volatile')} bn={v['block_n']} bk={v['block_k']} "
               f"w={v['num_warps']} st={v['num_stages']} sk={v['split_k']} ok={v['ok']} "
               f"{v['compile_s']:.1f}s", file=sys.stderr, flush=True)
 
@@ -184,7 +190,7 @@ def main(argv=None) -> int:
         print("| K x N | grid | path | decode | bn | bk | warps | stages | split | us | DRAM GB/s | inst/w | lsu/w | regs | occ% | issue% |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for v in vs:
-            print(f"| {v['k']}x{v['cols']} | {v['grid']} | {v['path']} | {v['decode']} | {v['block_n']} | {v['block_k']} | {v['num_warps']} | "
+            print(f"| {v['k']}x{v['cols']} | {v['grid']} | {v['path']} | {v['decode']}{' vol' if v.get('volatile') else ''} | {v['block_n']} | {v['block_k']} | {v['num_warps']} | "
                   f"{v['num_stages']} | {v['split_k']} | {v['us']:.1f} | {v['dram_GBps']:.0f} | "
                   f"{v['inst_per_weight']:.2f} | {v['lsu_per_weight']:.2f} | {v['regs']} | "
                   f"{v['occupancy_pct']} | {v['issue_pct']} |")

@@ -42,8 +42,17 @@ def compiler_params(num_warps: int, num_stages: int) -> Any:
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def load(ref_at: Any, *, mask: jax.Array | None = None, other: Any = None) -> jax.Array:
-    """Masked load of a ref view (``ref.at[...]``); a plain ``ref[...]`` when unmasked."""
+def load(
+    ref_at: Any, *, mask: jax.Array | None = None, other: Any = None, volatile: bool = False
+) -> jax.Array:
+    """Masked load of a ref view (``ref.at[...]``); a plain ``ref[...]`` when unmasked.
+
+    ``volatile=True`` (GPU only) emits ``ld.volatile``: the compiler keeps it in program order
+    with the other memory operations, so a prefetch written at the top of a loop body is issued
+    there instead of being sunk to the end of the body (measured: it was, without it).
+    """
+    if volatile:
+        return _plgpu().load(ref_at, mask=mask, other=other, volatile=True)
     if mask is None:
         return ref_at[...]
     return _plgpu().load(ref_at, mask=mask, other=other)
@@ -84,22 +93,23 @@ def device_kind(device: Any | None = None) -> str:
 
 
 def byte_of(word: jax.Array, b: int, *, interpret: bool) -> jax.Array:
-    """Byte ``b`` (0 = least significant) of each uint32 as a uint32 in [0, 256).
+    """Byte ``b`` (0 = least significant) of each uint32 as an int32 in [0, 256).
 
     On the GPU one PTX ``prmt`` (byte permute; selector nibbles 4 pick the zero operand) instead
-    of a shift and a mask.
+    of a shift and a mask. The result is declared int32: Triton's inline-asm op accepts only
+    signless integer results, which jax produces for int32 but not for uint32.
     """
     import jax.numpy as jnp
     import numpy as np
 
     if interpret:
-        return (word >> np.uint32(8 * b)) & np.uint32(0xFF)
+        return ((word >> np.uint32(8 * b)) & np.uint32(0xFF)).astype(jnp.int32)
     (out,) = _plgpu().elementwise_inline_asm(
         "{ .reg .b32 z; mov.b32 z, 0; prmt.b32 $0, $1, z, " + hex(0x4440 | b) + "; }",
         args=[word],
         constraints="=r,r",
         pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(word.shape, jnp.uint32)],
+        result_shape_dtypes=[jax.ShapeDtypeStruct(word.shape, jnp.int32)],
     )
     return out
 
@@ -131,5 +141,21 @@ def bf16_pair_fma(
         constraints="=f,r,f,f,f",
         pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(acc.shape, jnp.float32)],
+    )
+    return out
+
+
+def fma_f32(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax.Array:
+    """``a * b + c`` in f32 as one fused multiply-add on the GPU (inline PTX)."""
+    import jax.numpy as jnp
+
+    if interpret:
+        return a * b + c
+    (out,) = _plgpu().elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;",
+        args=[a, b, c],
+        constraints="=f,f,f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.float32)],
     )
     return out

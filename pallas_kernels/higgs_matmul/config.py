@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 PATHS = ("fma", "dot", "gemv")
-DECODES = ("auto", "poly", "select", "gather", "gather_pair")
+DECODES = ("auto", "poly", "select", "gather", "gather_pair", "byte", "code")
 MAX_M = 256
 #: Largest M (after padding to a power of two) the CUDA-core (fma) path handles.
 MAX_FMA_M = 8
@@ -36,7 +36,11 @@ class Config:
       decode: how a code becomes a grid value: "poly" (exact interpolating polynomial of the
         symmetric 1-D grid's magnitudes), "select" (select tree on the code bits, constants
         compiled in), "gather" (f32 LUT gather), "gather_pair" (p=2: one 32-bit gather returns
-        both coordinates as a bf16 pair), or "auto".
+        both coordinates as a bf16 pair), or "auto"; on the "gemv" path "byte" (one lookup per
+        byte of codes in 256-entry pair tables) or "code" (one lookup per code in an n-entry
+        table) or "auto".
+      volatile: "gemv" path: prefetch the next tile's words with volatile loads, which keeps
+        the compiler from sinking the prefetch to the end of the loop body.
     """
 
     block_n: int = 128
@@ -47,6 +51,7 @@ class Config:
     path: str = "fma"
     block_m: int = 16
     decode: str = "auto"
+    volatile: bool = False
 
     def __post_init__(self):
         for name in ("block_n", "num_warps", "block_m"):
@@ -61,6 +66,8 @@ class Config:
             raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        if not isinstance(self.volatile, bool):
+            raise ValueError(f"volatile must be a bool, got {self.volatile!r}")
         if self.path == "dot" and self.block_m < 16:
             raise ValueError(f"block_m must be >= 16 on the dot path, got {self.block_m}")
 

@@ -42,6 +42,17 @@ def byte_weights(p: int, cb: int) -> list[tuple[int, int]]:
     return [(j, d) for j in range(8 // cb) for d in range(p)]
 
 
+def code_lut(grid_values, p: int) -> np.ndarray:
+    """n-entry table for per-code lookups: f32 values (p = 1) or uint32 bf16 pairs (p = 2)."""
+    gv = np.asarray(grid_values, np.float32).reshape(-1, p)
+    if p == 1:
+        return gv[:, 0].copy()
+    if p != 2:
+        raise ValueError(f"per-code lookup supports p in (1, 2), got p={p}")
+    bits = gv.astype(jnp.bfloat16).view(np.uint16).astype(np.uint32)
+    return (bits[:, 0] | (bits[:, 1] << np.uint32(16))).astype(np.uint32)
+
+
 def byte_lut(grid_values, p: int, cb: int) -> np.ndarray:
     """uint32[(W/2) * 256] tables of bf16 pairs for the W weights of every byte value."""
     gv = np.asarray(grid_values, np.float32).reshape(-1, p)  # (n, p)
@@ -75,6 +86,8 @@ def higgs_gemv_kernel(
     mask_rows: bool,
     mask_cols: bool,
     interpret: bool,
+    lookup: str = "byte",
+    volatile: bool = False,
 ):
     j = pl.program_id(0)
     s = pl.program_id(1)
@@ -93,8 +106,14 @@ def higgs_gemv_kernel(
         if mask_cols:
             cm = jnp.broadcast_to(cols < n_cols, (bku, bn))
             mask = cm if mask is None else mask & cm
+        vol = volatile and not interpret
         words = tuple(
-            _compat.load(w_ref.at[pl.ds(u0, bku), jnp.int32(t), pl.ds(n0, bn)], mask=mask, other=0)
+            _compat.load(
+                w_ref.at[pl.ds(u0, bku), jnp.int32(t), pl.ds(n0, bn)],
+                mask=mask,
+                other=0 if mask is not None else None,
+                volatile=vol,
+            )
             for t in range(cb)
         )
         g_idx = (rows * group_units_num) // group_units_den
@@ -122,8 +141,29 @@ def higgs_gemv_kernel(
 
         for t in range(cb):
             for b in range(4):
-                idx = _compat.byte_of(words[t], b, interpret=interpret).astype(jnp.int32)
+                idx = _compat.byte_of(words[t], b, interpret=interpret)
                 c_first = t * cpw + b * cpb
+                if lookup == "code":
+                    # One lookup per code in an n-entry table: f32 values (p = 1) or bf16 pairs
+                    # (p = 2); small tables (n <= 16: one 64-byte line) cost one L1 wavefront.
+                    for jj in range(cpb):
+                        code = idx if cpb == 1 else (idx >> (jj * cb)) & ((1 << cb) - 1)
+                        v = lut_ref[code]
+                        for m in range(m_rows):
+                            if p == 1:
+                                partial[m] = _compat.fma_f32(
+                                    v, xv(m, 0, c_first + jj), partial[m], interpret=interpret
+                                )
+                            else:
+                                partial[m] = _compat.bf16_pair_fma(
+                                    v,
+                                    xv(m, 0, c_first + jj),
+                                    xv(m, 1, c_first + jj),
+                                    partial[m],
+                                    interpret=interpret,
+                                )
+                    xcache.clear()
+                    continue
                 for q in range(len(ws) // 2):
                     pair = lut_ref[idx + q * 256] if q else lut_ref[idx]
                     (ja, da), (jb, db) = ws[2 * q], ws[2 * q + 1]

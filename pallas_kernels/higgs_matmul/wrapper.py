@@ -181,7 +181,9 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
     else:
         bm = min(cfg.block_m, max(16, _next_pow2(m)))
         mp, xdt = -(-m // bm) * bm, out_dtype if out_dtype != jnp.float32 else jnp.bfloat16
-    decode, coef = resolve_decode(cfg.decode, kw)
+    if cfg.path != "gemv" and cfg.decode in ("byte", "code"):
+        raise ValueError(f"decode={cfg.decode!r} is for path='gemv', got path={cfg.path!r}")
+    decode, coef = resolve_decode(cfg.decode if cfg.path != "gemv" else "auto", kw)
 
     # Activation permutation x[m, d, c, u] = x_rot[m, (32u + c) p + d]; XLA fuses it with the
     # rotation, so the kernel reads each code plane's activations as one contiguous slice.
@@ -204,8 +206,20 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
         mask_cols=n_out != N,
     )
     if cfg.path == "gemv":
-        body = functools.partial(_gemv.higgs_gemv_kernel, interpret=interpret, **common)
-        lut = jnp.asarray(_gemv.byte_lut(kw.grid_values, p, cb))
+        lookup = cfg.decode if cfg.decode in ("byte", "code") else "auto"
+        if lookup == "auto":
+            lookup = "code" if kw.n <= 16 else "byte"
+        body = functools.partial(
+            _gemv.higgs_gemv_kernel,
+            interpret=interpret,
+            lookup=lookup,
+            volatile=cfg.volatile,
+            **common,
+        )
+        if lookup == "code":
+            lut = jnp.asarray(_gemv.code_lut(kw.grid_values, p))
+        else:
+            lut = jnp.asarray(_gemv.byte_lut(kw.grid_values, p, cb))
         name = f"higgs_gemv_p{p}_cb{cb}"
     else:
         body = functools.partial(
