@@ -63,7 +63,7 @@ class Contender:
     why: str = ""
 
 
-def contenders(h: int, sweeps: int, p_dw: int) -> list[Contender]:
+def contenders(h: int, sweeps: int, p_dw: int, outlier_iters: int = 10) -> list[Contender]:
     """Specs per budget. HIGGS scales: one bf16 per Hadamard block (g = h, ~16/h bits) unless a
     smaller group is needed to reach the budget; outliers cost 96 bits each (int32 row, int32
     col, float32 value), i.e. 0.96 bits/weight at 1%."""
@@ -72,7 +72,11 @@ def contenders(h: int, sweeps: int, p_dw: int) -> list[Contender]:
         return HiggsConfig(bits=bits, p=p, hadamard_size=h, group_size=g)
 
     def qe(base, frac=None):
-        return QuantEaseConfig(base, num_sweeps=sweeps, outlier_fraction=frac)
+        if frac is None:
+            return QuantEaseConfig(base, num_sweeps=sweeps)
+        return QuantEaseConfig(
+            base, num_sweeps=sweeps, outlier_fraction=frac, outlier_iters=outlier_iters
+        )
 
     rows = []
 
@@ -158,6 +162,12 @@ def main(argv=None):
         "same result up to float rounding)",
     )
     ap.add_argument("--sweeps", type=int, default=20, help="QuantEase sweeps")
+    ap.add_argument(
+        "--outlier-iters",
+        type=int,
+        default=10,
+        help="QuantEase+outliers: rounds of (IHT, one sweep) after the --sweeps plain sweeps",
+    )
     ap.add_argument("--datawise-p", type=int, default=2, help="grid dimension of GPTQ/QuantEase")
     ap.add_argument(
         "--hadamard-size",
@@ -213,6 +223,7 @@ def main(argv=None):
         "sequential": args.sequential,
         "share_inputs": not args.no_share_inputs,
         "sweeps": args.sweeps,
+        "outlier_iters": args.outlier_iters,
         "eval_text": str(eval_path),
         "calib_text": str(calib_path),
         "date": time.strftime("%Y-%m-%d"),
@@ -270,7 +281,7 @@ def main(argv=None):
         result_file.write_text(json.dumps(payload, indent=1))
         return payload
 
-    for c in contenders(args.hadamard_size, args.sweeps, args.datawise_p):
+    for c in contenders(args.hadamard_size, args.sweeps, args.datawise_p, args.outlier_iters):
         if c.budget not in budgets or c.family not in families:
             continue
         if c.spec is None:
