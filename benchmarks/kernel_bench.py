@@ -220,6 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=64)
     ap.add_argument("--results-dir", default="benchmarks/results")
     ap.add_argument("--tag", default="kernels")
+    ap.add_argument("--shapes", default=None, help="KxN,KxN,... subset of the table's shapes")
+    ap.add_argument("--ms", default=None, help="M values, e.g. 1,4,16,64")
     args = ap.parse_args(argv)
     t_start = time.time()
     out_dir = Path(os.environ.get("OUT") or args.results_dir)
@@ -344,8 +346,14 @@ def main(argv=None) -> int:
 
     # full table
     table = []
-    for k, n_cols in SHAPES:
-        for m in MS:
+    shapes = (
+        [tuple(int(t) for t in sh.split("x")) for sh in args.shapes.split(",")]
+        if args.shapes
+        else SHAPES
+    )
+    ms = [int(t) for t in args.ms.split(",")] if args.ms else MS
+    for k, n_cols in shapes:
+        for m in ms:
             if left() < 30:
                 print("budget exhausted; stopping")
                 break

@@ -101,10 +101,13 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
     units = -(-codes // 32)  # 32-code units (cb words each) per column
     code_bits = round(bits * p)
     if m <= MAX_FMA_M:
+        # Plane kernel with pair decoding: fastest of the measured M=1 variants on an H100
+        # (Nsight Compute sweep, benchmarks/results/kernel_profile.md; the byte-LUT "gemv"
+        # path was 2-20% slower). p = 2 with 8-bit codes: 16 units per step measured best.
         block_n = 128 if n >= 128 else max(16, _next_pow2(n))
-        bku = 8 if code_bits <= 4 else 4
+        bku = 8 if p == 1 else (16 if code_bits == 8 else 4)
         bku = min(bku, _next_pow2(units))
-        path = "gemv" if code_bits in (2, 4, 8) else "fma"
+        path = "fma"
         block_m, warps = 16, 4
     else:
         block_m = min(64, max(16, _next_pow2(m)))
@@ -114,8 +117,10 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
         path, warps = "dot", 4
     steps_total = -(-units // bku)
     n_blocks = -(-n // block_n) * (-(-m // block_m) if path == "dot" else 1)
+    # 2-bit codes: twice the programs (measured: split 8 vs 4 at 8192x28672, M=1: 62 vs 69 us).
+    target = TARGET_PROGRAMS * (2 if code_bits == 2 and path != "dot" else 1)
     split = 1
-    while split * 2 <= steps_total and n_blocks * split < TARGET_PROGRAMS:
+    while split * 2 <= steps_total and n_blocks * split < target:
         split *= 2
     return Config(
         block_n=block_n,

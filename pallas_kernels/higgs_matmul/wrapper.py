@@ -129,9 +129,10 @@ def resolve_decode(decode: str, kw: KernelPackedWeight) -> tuple[str, tuple[floa
     """Chooses the decoder ("auto") and returns it with its polynomial coefficients (if any)."""
     mags = _kernel.symmetric_magnitudes(kw.grid_values) if kw.p == 1 else None
     if decode == "auto":
-        # Fastest measured at M=1 on an H100 (docs/KERNELS.md): select tree for n=4, f32 LUT
-        # gather for n=8/16, bf16-pair gather for every p=2 grid (the grid rounded to bf16).
-        decode = ("select" if kw.n == 4 else "gather") if kw.p == 1 else "gather_pair"
+        # Fastest measured at M=1 on an H100 (docs/KERNELS.md, Nsight Compute sweep): bf16-pair
+        # gathers (two weights per lookup; the grid rounded to bf16) wherever a pair fits in a
+        # word-aligned field, i.e. every grid except 3-bit p=1 codes, which use the f32 gather.
+        decode = "gather" if (kw.p == 1 and kw.code_bits == 3) else "gather_pair"
     if decode == "poly":
         if mags is None:
             raise ValueError("decode='poly' needs a sorted, symmetric 1-D grid")
