@@ -222,6 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="kernels")
     ap.add_argument("--shapes", default=None, help="KxN,KxN,... subset of the table's shapes")
     ap.add_argument("--ms", default=None, help="M values, e.g. 1,4,16,64")
+    ap.add_argument("--max-checks", type=int, default=None, help="cap the correctness cases")
     args = ap.parse_args(argv)
     t_start = time.time()
     out_dir = Path(os.environ.get("OUT") or args.results_dir)
@@ -254,6 +255,8 @@ def main(argv=None) -> int:
         cases = cases[:3]
     elif args.mode == "all":
         cases = cases[:12]
+    if args.max_checks is not None:
+        cases = cases[: args.max_checks]
     results["checks"] = correctness(cases, interpret=not on_gpu)
     save()
     if not on_gpu:
