@@ -102,10 +102,11 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
     code_bits = round(bits * p)
     if m <= MAX_FMA_M:
         # Plane kernel with pair decoding: fastest of the measured M=1 variants on an H100
-        # (Nsight Compute sweep, benchmarks/results/kernel_profile.md; the byte-LUT "gemv"
-        # path was 2-20% slower). p = 2 with 8-bit codes: 16 units per step measured best.
+        # (Nsight Compute sweeps, benchmarks/results/kernel_profile_sweep*.md; the byte-LUT
+        # "gemv" path was 2-20% slower). p = 2: 16 units per step for 8-bit codes (76 vs 83 vs
+        # 99 us for 16/8/4 at 8192x28672), 8 for 4/6-bit codes.
         block_n = 128 if n >= 128 else max(16, _next_pow2(n))
-        bku = 8 if p == 1 else (16 if code_bits == 8 else 4)
+        bku = 8 if p == 1 else (16 if code_bits == 8 else 8)
         bku = min(bku, _next_pow2(units))
         path = "fma"
         block_m, warps = 16, 4
