@@ -30,9 +30,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernel_bench import random_weight  # noqa: E402
-from pallas_kernels.higgs_matmul import default_config  # noqa: E402
-from pallas_kernels.higgs_matmul import wrapper as _wrapper  # noqa: E402
+from benchmarks.kernel_bench import random_weight
+from pallas_kernels.higgs_matmul import default_config
+from pallas_kernels.higgs_matmul import wrapper as _wrapper
 
 METRICS = (
     "gpu__time_duration.sum",
@@ -46,24 +46,6 @@ METRICS = (
 )
 
 GRIDS = {"p1_2b": (1, 4), "p1_3b": (1, 8), "p1_4b": (1, 16), "p2_2b": (2, 16), "p2_3b": (2, 64), "p2_4b": (2, 256)}
-
-
-def _moves(b, p: int) -> list:  # noqa: D401 - kept for ad-hoc sweeps
-    """The config b and its one-knob-at-a-time neighbours."""
-    cands = [b]
-    bku = b.units_per_step(p)
-    for bn in (64, 256):
-        cands.append(dataclasses.replace(b, block_n=bn))
-    for f in (0.5, 2):
-        if bku * f >= 1:
-            cands.append(dataclasses.replace(b, block_k=int(b.block_k * f)))
-    for w in (2, 8):
-        cands.append(dataclasses.replace(b, num_warps=w))
-    cands.append(dataclasses.replace(b, num_stages=1))
-    for sk in (b.split_k // 2, b.split_k * 2):
-        if sk >= 1:
-            cands.append(dataclasses.replace(b, split_k=sk))
-    return cands
 
 
 def variants(

@@ -253,6 +253,20 @@ def test_gemv_byte_tables_decode_every_byte(p, n):
         np.testing.assert_allclose(got[:, e], want, rtol=2**-8)
 
 
+def test_gemv_options_bad_input():
+    from pallas_kernels.higgs_matmul import gemv
+
+    with pytest.raises(ValueError, match="volatile must be a bool, got 'yes'"):
+        Config(volatile="yes")
+    w = make_weight(96, 16, 1, 16)
+    with pytest.raises(ValueError, match="decode='byte' is for path='gemv'"):
+        higgs_matmul_pallas(jnp.zeros((1, 96)), w, config=_cfg("fma", 1, "byte"), interpret=True)
+    with pytest.raises(ValueError, match="code_bits in .* got 3"):
+        gemv.byte_weights(1, 3)
+    with pytest.raises(ValueError, match="p=3"):
+        gemv.code_lut(((0.0, 0.0, 0.0),), 3)
+
+
 def test_gemv_rejects_straddling_codes_and_large_m():
     w3 = make_weight(96, 16, 1, 8)
     with pytest.raises(ValueError, match="code_bits in"):

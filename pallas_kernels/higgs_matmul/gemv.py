@@ -23,13 +23,13 @@ error), as for the ``gather_pair`` decoder.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels.higgs_matmul.kernel import tile_mask_and_scales
 
 #: Code widths whose codes never straddle a byte.
 BYTE_CODE_BITS = (2, 4, 8)
@@ -100,12 +100,20 @@ def higgs_gemv_kernel(
     def load_tile(it):
         u0 = pl.multiple_of((s * steps + it) * bku, bku)
         rows = u0 + lax.broadcasted_iota(jnp.int32, (bku,), 0)
-        mask = None
-        if mask_rows:
-            mask = jnp.broadcast_to(rows[:, None] < units, (bku, bn))
-        if mask_cols:
-            cm = jnp.broadcast_to(cols < n_cols, (bku, bn))
-            mask = cm if mask is None else mask & cm
+        mask, scl = tile_mask_and_scales(
+            s_ref,
+            rows,
+            cols,
+            bku=bku,
+            bn=bn,
+            units=units,
+            n_cols=n_cols,
+            group_units_num=group_units_num,
+            group_units_den=group_units_den,
+            num_groups=num_groups,
+            mask_rows=mask_rows,
+            mask_cols=mask_cols,
+        )
         vol = volatile and not interpret
         words = tuple(
             _compat.load(
@@ -116,14 +124,6 @@ def higgs_gemv_kernel(
             )
             for t in range(cb)
         )
-        g_idx = (rows * group_units_num) // group_units_den
-        if mask_rows:
-            g_idx = jnp.minimum(g_idx, num_groups - 1)
-        g2 = jnp.broadcast_to(g_idx[:, None], (bku, bn))
-        c2 = jnp.broadcast_to(cols, (bku, bn))
-        if mask_cols:
-            c2 = jnp.minimum(c2, n_cols - 1)
-        scl = _compat.load(s_ref.at[g2, c2], mask=mask, other=0).astype(jnp.float32)
         return words, scl
 
     def step(it, carry):

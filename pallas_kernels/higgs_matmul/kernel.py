@@ -117,6 +117,45 @@ def decode_codes(code, lut_ref, *, decode: str, cb: int, p: int, grid_values, co
     raise ValueError(f"unknown decode {decode!r}")
 
 
+# ------------------------------------------------------------------------------------ tiles
+def tile_mask_and_scales(
+    s_ref,
+    rows,
+    cols,
+    *,
+    bku: int,
+    bn: int,
+    units: int,
+    n_cols: int,
+    group_units_num: int,
+    group_units_den: int,
+    num_groups: int,
+    mask_rows: bool,
+    mask_cols: bool,
+):
+    """(mask or None, f32 scales) of a (BKU, BN) tile: unit rows ``rows``, columns ``cols``.
+
+    Shared by both kernels. A unit never spans two scale groups, so one scale row per unit row.
+    """
+    mask = None
+    if mask_rows:
+        mask = jnp.broadcast_to(rows[:, None] < units, (bku, bn))
+    if mask_cols:
+        cm = jnp.broadcast_to(cols < n_cols, (bku, bn))
+        mask = cm if mask is None else mask & cm
+    g_idx = (rows * group_units_num) // group_units_den
+    if mask_rows:
+        g_idx = jnp.minimum(g_idx, num_groups - 1)
+    # Two broadcast index arrays (not array + slice): one form both Triton and interpret mode
+    # lower; the column index is contiguous, so the load stays coalesced.
+    g2 = jnp.broadcast_to(g_idx[:, None], (bku, bn))
+    c2 = jnp.broadcast_to(cols, (bku, bn))
+    if mask_cols:
+        c2 = jnp.minimum(c2, n_cols - 1)
+    scl = _compat.load(s_ref.at[g2, c2], mask=mask, other=0).astype(jnp.float32)
+    return mask, scl
+
+
 # ------------------------------------------------------------------------------------ kernel
 def higgs_matmul_kernel(
     x_ref,  # (Mp, p, 32, U_x) f32 (fma) or activation dtype (dot): permuted rotated activations
@@ -151,19 +190,23 @@ def higgs_matmul_kernel(
     cols = n0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
     parts = code_parts(cb)
 
-    def tile_mask(rows):
-        mask = None
-        if mask_rows:
-            mask = jnp.broadcast_to(rows[:, None] < units, (bku, bn))
-        if mask_cols:
-            cm = jnp.broadcast_to(cols < n_cols, (bku, bn))
-            mask = cm if mask is None else mask & cm
-        return mask
-
     def step(it, carry):
         u0 = pl.multiple_of((s * steps + it) * bku, bku)
         rows = u0 + lax.broadcasted_iota(jnp.int32, (bku,), 0)
-        mask = tile_mask(rows)
+        mask, scl = tile_mask_and_scales(
+            s_ref,
+            rows,
+            cols,
+            bku=bku,
+            bn=bn,
+            units=units,
+            n_cols=n_cols,
+            group_units_num=group_units_num,
+            group_units_den=group_units_den,
+            num_groups=num_groups,
+            mask_rows=mask_rows,
+            mask_cols=mask_cols,
+        )
         words = {}
 
         def word(t):
@@ -172,17 +215,6 @@ def higgs_matmul_kernel(
                 words[t] = _compat.load(ref, mask=mask, other=0)
             return words[t]
 
-        # Scale row of every unit row of the tile (a unit never spans two scale groups).
-        g_idx = (rows * group_units_num) // group_units_den
-        if mask_rows:
-            g_idx = jnp.minimum(g_idx, num_groups - 1)
-        # Two broadcast index arrays (not array + slice): one form both Triton and interpret
-        # mode lower; the column index is contiguous, so the load stays coalesced.
-        g2 = jnp.broadcast_to(g_idx[:, None], (bku, bn))
-        c2 = jnp.broadcast_to(cols, (bku, bn))
-        if mask_cols:
-            c2 = jnp.minimum(c2, n_cols - 1)
-        scl = _compat.load(s_ref.at[g2, c2], mask=mask, other=0).astype(jnp.float32)
 
         if path == "fma":
             partial = [jnp.zeros((bku, bn), jnp.float32) for _ in range(m_rows)]
