@@ -14,6 +14,8 @@ that they are not served from L2; PyTorch: CUDA graph of R calls (same copies) t
 events. Copy bandwidth: PyTorch device-to-device copy of 1 GiB, (read + write) / time.
 
 Usage: PYTHONPATH=. python benchmarks/kernel_bench.py [--mode explore|full] [--budget-s 420]
+  [--paths default,wide]   (kernel configs timed per (p, bits) and M: `default_config`, and/or
+                            `wide_config` (path="wide"); columns p{p}_b{bits}[_wide]_us)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pallas_kernels.higgs_matmul import (
 )
 from pallas_kernels.higgs_matmul import wrapper as _wrapper
 from pallas_kernels.higgs_matmul.autotune import time_device, time_host_call
+from pallas_kernels.higgs_matmul.config import wide_config
 from pallas_kernels.higgs_matmul.reference import decode_rotated
 from pallas_kernels.higgs_matmul.repack import SUPPORTED
 
@@ -160,12 +163,31 @@ def weight_bytes(kw: KernelPackedWeight) -> int:
     return kw.words.size * 4 + kw.scales.size * 2
 
 
+PATH_CONFIGS = {"default": default_config, "wide": wide_config}
+
+
+def path_config(path: str, m: int, k: int, n_cols: int, p: int):
+    """The config a --paths entry times: `default_config` or `wide_config`.
+
+    bits = 0 as this script always passed to `default_config` (so its 2-bit split doubling is
+    off here, unlike the wrapper's default); `wide_config` does not use bits.
+    """
+    return PATH_CONFIGS[path](m, k, n_cols, p, 0)
+
+
+def path_tag(p: int, n: int, path: str) -> str:
+    """Column tag of a (grid, --paths entry): p2_b4 (default) or p2_b4_wide."""
+    return f"p{p}_b{int(math.log2(n)) // p}" + ("" if path == "default" else f"_{path}")
+
+
 def correctness(cases, interpret: bool) -> list[dict]:
     out = []
-    for (p, n), m, decode in cases:
+    for case in cases:
+        (p, n), m, decode = case[:3]
+        path = case[3] if len(case) > 3 else "default"
         kw = random_weight(jax.random.key(p * 1000 + n + m), 1536, 384, p, n)
         x = jax.random.normal(jax.random.key(m), (m, 1536), jnp.bfloat16)
-        cfg = dataclasses.replace(default_config(m, 1536, 384, p, 0), decode=decode)
+        cfg = dataclasses.replace(path_config(path, m, 1536, 384, p), decode=decode)
         y = higgs_matmul_pallas(x, kw, config=cfg, interpret=interpret)
         r = higgs_matmul_reference(x.astype(jnp.float32), kw)
         err = float(jnp.linalg.norm(y.astype(jnp.float32) - r) / jnp.linalg.norm(r))
@@ -181,7 +203,7 @@ def correctness(cases, interpret: bool) -> list[dict]:
             }
         )
         print(
-            f"check p={p} n={n:3d} M={m:3d} {cfg.path:3s} {decode:11s} rel_err={err:.2e}"
+            f"check p={p} n={n:3d} M={m:3d} {cfg.path:4s} {decode:11s} rel_err={err:.2e}"
             f" {'OK' if err < 2e-2 else 'FAIL'}",
             flush=True,
         )
@@ -223,7 +245,19 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="KxN,KxN,... subset of the table's shapes")
     ap.add_argument("--ms", default=None, help="M values, e.g. 1,4,16,64")
     ap.add_argument("--max-checks", type=int, default=None, help="cap the correctness cases")
+    ap.add_argument(
+        "--paths",
+        default="default",
+        help="comma list of kernel configs to time per (p, bits) and M: default (default_config)"
+        ", wide (wide_config, path='wide')",
+    )
     args = ap.parse_args(argv)
+    paths = [t.strip() for t in args.paths.split(",") if t.strip()]
+    bad = [t for t in paths if t not in PATH_CONFIGS]
+    if bad or not paths:
+        ap.error(
+            f"--paths: unknown entries {bad} in {args.paths!r}; choose from {list(PATH_CONFIGS)}"
+        )
     t_start = time.time()
     out_dir = Path(os.environ.get("OUT") or args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +291,12 @@ def main(argv=None) -> int:
         cases = cases[:12]
     if args.max_checks is not None:
         cases = cases[: args.max_checks]
+    if "wide" in paths:
+        # wide path: every grid at M = 16 (one M block), two at M = 1 / 64, one p=1 pair decode
+        wide = [((p, n), 16, "auto", "wide") for (p, n) in GRIDS]
+        wide += [((1, 16), 1, "auto", "wide"), ((2, 256), 64, "auto", "wide")]
+        wide += [((1, 16), 16, "gather", "wide")]
+        cases += wide[:3] if args.mode == "smoke" else wide
     results["checks"] = correctness(cases, interpret=not on_gpu)
     save()
     if not on_gpu:
@@ -378,11 +418,12 @@ def main(argv=None) -> int:
             entry["xla_deq_dot_4b_us"] = (
                 time_device(deq_dot, x, [kw4], max(4, args.reps // 8)) * 1e6
             )
-            for p, n in GRIDS:
-                cfg = default_config(m, k, n_cols, p, 0)
-                if (p, n) in best_decode:
+            for (p, n), path in [(g, path) for g in GRIDS for path in paths]:
+                cfg = path_config(path, m, k, n_cols, p)
+                if (p, n) in best_decode and path == "default":
+                    # M=1 decoder sweep of the default kernels; the wide path keeps "auto"
                     cfg = dataclasses.replace(cfg, decode=best_decode[(p, n)])
-                tag = f"p{p}_b{int(math.log2(n)) // p}"
+                tag = path_tag(p, n, path)
                 try:
                     r = bench_entry(
                         k,
@@ -425,9 +466,13 @@ def main(argv=None) -> int:
         "times in us (device); xN = speed-up vs torch bf16; bw = (codes+scales+x+y bytes)/time / copy BW",
         "",
         "| K x N | M | torch | jnp.dot | deq+dot 4b | "
-        + " | ".join(f"p{p} {int(math.log2(n)) // p}b" for p, n in GRIDS)
+        + " | ".join(
+            f"p{p} {int(math.log2(n)) // p}b" + ("" if path == "default" else f" {path}")
+            for p, n in GRIDS
+            for path in paths
+        )
         + " |",
-        "|---|---|---|---|---|" + "---|" * len(GRIDS),
+        "|---|---|---|---|---|" + "---|" * (len(GRIDS) * len(paths)),
     ]
     lines.insert(
         2,
@@ -436,8 +481,8 @@ def main(argv=None) -> int:
     )
     for e in table:
         cells = []
-        for p, n in GRIDS:
-            tag = f"p{p}_b{int(math.log2(n)) // p}"
+        for (p, n), path in [(g, path) for g in GRIDS for path in paths]:
+            tag = path_tag(p, n, path)
             if f"{tag}_us" in e:
                 cells.append(
                     f"{e[f'{tag}_us']:.1f} ({e['torch_us'] / e[f'{tag}_us']:.2f}x, "

@@ -20,6 +20,7 @@ from pallas_kernels.higgs_matmul import (
     Config,
     KernelPackedWeight,
     can_use_pallas,
+    candidate_configs,
     default_config,
     from_arrays,
     higgs_matmul_pallas,
@@ -36,6 +37,7 @@ TOL = {
     # gemv: bf16-rounded grid tables (2^-9 relative per level), f32 multiply-add.
     "gemv": {jnp.float32: 1e-2, jnp.bfloat16: 1e-2, jnp.float16: 1e-2},
     "dot": {jnp.float32: 1e-2, jnp.bfloat16: 1e-2, jnp.float16: 3e-3},
+    "wide": {jnp.float32: 1e-2, jnp.bfloat16: 1e-2, jnp.float16: 3e-3},  # same operands as dot
 }
 
 
@@ -355,10 +357,153 @@ def test_fallback_fwht_is_sylvester():
 def test_leading_axes_and_jit():
     w = make_weight(64, 16, 1, 4)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 1, 64)), jnp.float32)
-    f = jax.jit(lambda x, w: higgs_matmul_pallas(x, w, config=_cfg("fma", 1, "gather"), interpret=True))
+    f = jax.jit(
+        lambda x, w: higgs_matmul_pallas(x, w, config=_cfg("fma", 1, "gather"), interpret=True)
+    )
     y = f(x, w)
     assert y.shape == (2, 1, 16)
     assert rel_err(y, higgs_matmul_reference(x, w)) < 1e-5
+
+
+# -- wide path (whole-tile decode, one long-K dot per coordinate) ----------------------------
+def _wide_cfg(p: int, *, bku: int = 2, split_k: int = 2, block_m: int = 16, decode="auto"):
+    """block_n = 32 < 48 columns: the second column block is half masked."""
+    return Config(
+        block_n=32,
+        block_k=32 * p * bku,
+        split_k=split_k,
+        path="wide",
+        decode=decode,
+        block_m=block_m,
+        num_warps=4,
+    )
+
+
+def _check_wide(p, n, m, dtype, k, *, g_units=3, bku=2, split_k=2, decode="auto"):
+    """Wide path vs the f32 reference; g = 32 p g_units: g_units = 3 gives a unit count that
+    no (bku * split) tiling divides, so the last tile's unit rows are masked."""
+    w = make_weight(k, 48, p, n, g=32 * p * g_units, seed=p * 100 + n + m)
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    b = jnp.asarray(rng.normal(size=48), jnp.float32)
+    cfg = _wide_cfg(p, bku=bku, split_k=split_k, decode=decode)
+    y = higgs_matmul_pallas(x, w, bias=b, config=cfg, interpret=not _on_gpu())
+    r = higgs_matmul_reference(x.astype(jnp.float32), w, bias=b)
+    assert y.shape == (m, 48) and y.dtype == dtype
+    assert np.all(np.isfinite(np.asarray(y, np.float32)))
+    from pallas_kernels.higgs_matmul.repack import repack as _repack
+    from pallas_kernels.higgs_matmul.wrapper import resolve_decode
+
+    decode = resolve_decode(decode, _repack(w))[0]
+    tol = max(TOL["wide"][dtype], 1e-2 if decode == "gather_pair" else 0.0)
+    assert rel_err(y, r) < tol, rel_err(y, r)
+
+
+@pytest.mark.parametrize("p,n", GRIDS)
+def test_wide_matches_reference(p, n):
+    """Every grid, M = 5 (padded to 16), odd K = 200 (zero-padded), 3 steps x 2 splits with
+    masked unit rows, masked columns, bias, default ("auto") decoder."""
+    _check_wide(p, n, 5, jnp.bfloat16, 200)
+
+
+WIDE_ROWS = [  # (p, n, M, dtype, K, bku, split_k): M = 1 (one padded M block), M = 16, M = 33
+    (1, 16, 1, jnp.bfloat16, 200, 2, 2),
+    (2, 64, 16, jnp.float16, 200, 1, 3),
+    (1, 8, 33, jnp.float16, 1000, 1, 3),  # 3 M blocks, 11 steps per split
+]
+
+
+@pytest.mark.parametrize("p,n,m,dtype,k,bku,split_k", WIDE_ROWS)
+def test_wide_rows_dtypes_tiles(p, n, m, dtype, k, bku, split_k):
+    _check_wide(p, n, m, dtype, k, bku=bku, split_k=split_k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p,n", GRIDS)
+@pytest.mark.parametrize(
+    "m,dtype,k,bku,split_k",
+    [(1, jnp.float16, 200, 1, 1), (16, jnp.float16, 200, 4, 2), (33, jnp.bfloat16, 1000, 2, 3)],
+)
+def test_wide_matches_reference_more(p, n, m, dtype, k, bku, split_k):
+    _check_wide(p, n, m, dtype, k, bku=bku, split_k=split_k)
+
+
+WIDE_DECODERS = [
+    (1, 4, "poly"),
+    (1, 8, "select"),
+    (1, 8, "poly"),  # two-part (2 + 1 bit) codes through the polynomial
+    (1, 4, "gather_pair"),  # p = 1 pairs: slots are even/odd codes
+    (1, 16, "gather_pair"),
+    (2, 16, "select"),
+    (2, 64, "gather"),
+    (2, 256, "gather_pair"),
+]
+
+
+@pytest.mark.parametrize("p,n,decode", WIDE_DECODERS)
+def test_wide_decoders(p, n, decode):
+    _check_wide(p, n, 5, jnp.bfloat16, 200, decode=decode)
+
+
+@pytest.mark.parametrize(
+    "p,n,decode,dtype",
+    [
+        (1, 8, "gather", jnp.bfloat16),
+        (1, 16, "select", jnp.float16),
+        (1, 16, "gather_pair", jnp.bfloat16),
+        (2, 64, "gather", jnp.float16),
+        (2, 16, "gather_pair", jnp.bfloat16),
+    ],
+)
+def test_wide_identity_gives_dequantized_weight(p, n, decode, dtype):
+    """x = I_K returns Wrot rounded once to the operand dtype: every code lands on its K row.
+
+    The kernel forms grid * scale in f32 and rounds it to bf16/f16 for the dot; a one-hot row
+    then sums exactly in f32. Pair tables hold the grid rounded to bf16 first.
+    """
+    k = 32 * p * 4
+    w = make_weight(k, 48, p, n, g=32 * p, seed=7)
+    x = jnp.eye(k, dtype=dtype)
+    cfg = _wide_cfg(p, bku=1, split_k=2, block_m=64, decode=decode)
+    got = higgs_matmul_pallas(x, w, config=cfg, interpret=not _on_gpu())
+    ref_w = w
+    if decode == "gather_pair":
+        gv = np.asarray(w.grid_values, np.float32).astype(jnp.bfloat16).astype(np.float32)
+        ref_w = dataclasses.replace(w, grid_values=tuple(map(tuple, gv.tolist())))
+    want = decode_rotated(ref_w).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_wide_bad_config():
+    with pytest.raises(ValueError, match="block_m must be >= 16 on the wide path.*got 8"):
+        Config(path="wide", block_m=8)
+    w = make_weight(96, 16, 1, 8)
+    with pytest.raises(ValueError, match="code_bits=3"):  # 3-bit codes: no word-aligned pairs
+        higgs_matmul_pallas(
+            jnp.zeros((4, 96)), w, config=_wide_cfg(1, decode="gather_pair"), interpret=True
+        )
+    with pytest.raises(ValueError, match="block_k=96"):
+        higgs_matmul_pallas(
+            jnp.zeros((4, 96)), w, config=Config(path="wide", block_k=96), interpret=True
+        )
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 100, 256])
+@pytest.mark.parametrize("p", [1, 2])
+def test_wide_config_valid(m, p):
+    from pallas_kernels.higgs_matmul.config import TARGET_PROGRAMS, wide_config
+
+    k, n = 14336, 4096
+    cfg = wide_config(m, k, n, p, 4 / p)
+    assert cfg.path == "wide" and cfg.block_m >= 16 and cfg.block_m >= min(m, 128)
+    assert cfg.units_per_step(p) in (2, 4) and cfg.block_k == 128
+    programs = -(-n // cfg.block_n) * -(-m // cfg.block_m) * cfg.split_k
+    steps_total = -(-(k // p // 32) // cfg.units_per_step(p))
+    # split-K stops at the first power of two reaching the target (or one step per program)
+    assert programs >= TARGET_PROGRAMS or cfg.split_k * 2 > steps_total
+    assert cfg.split_k == 1 or programs // 2 < TARGET_PROGRAMS
+    wide_in_candidates = any(c.path == "wide" for c in candidate_configs(m, k, n, p, 4 / p))
+    assert wide_in_candidates == (m > 1)
 
 
 # -- config and bad input --------------------------------------------------------------------
@@ -471,6 +616,59 @@ def test_gpu_default_configs(m):
     w = make_weight(1088, 512, 1, 16, g=64)
     x = jnp.asarray(np.random.default_rng(m).normal(size=(m, 1088)), jnp.bfloat16)
     y = higgs_matmul_pallas(x, w)
+    assert rel_err(y, higgs_matmul_reference(x.astype(jnp.float32), w)) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("p,n", GRIDS)
+@pytest.mark.parametrize(
+    "m,dtype,k,bku,split_k",
+    [(1, jnp.bfloat16, 200, 2, 2), (5, jnp.bfloat16, 200, 2, 2), (33, jnp.float16, 1000, 1, 3)],
+)
+def test_gpu_wide_matches_reference(p, n, m, dtype, k, bku, split_k):
+    assert can_use_pallas(jnp.zeros((m, k), dtype), make_weight(k, 48, p, n))[0]
+    _check_wide(p, n, m, dtype, k, bku=bku, split_k=split_k)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("p,n", GRIDS)
+@pytest.mark.parametrize("decode", ["select", "gather", "poly", "gather_pair"])
+def test_gpu_wide_decoders(p, n, decode):
+    if (decode == "poly" and p != 1) or (decode == "gather_pair" and (p, n) == (1, 8)):
+        pytest.skip("decoder needs another grid")
+    if decode == "select" and n > 64:
+        pytest.skip("select tree of 255 nodes: not a candidate")
+    _check_wide(p, n, 5, jnp.bfloat16, 200, decode=decode)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(
+    "p,n,decode,dtype",
+    [
+        (1, 8, "gather", jnp.bfloat16),
+        (1, 16, "gather_pair", jnp.bfloat16),
+        (2, 64, "gather", jnp.float16),
+        (2, 256, "gather_pair", jnp.bfloat16),
+    ],
+)
+def test_gpu_wide_identity(p, n, decode, dtype):
+    test_wide_identity_gives_dequantized_weight(p, n, decode, dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
+@pytest.mark.parametrize("p,n", [(1, 16), (2, 256)])
+def test_gpu_wide_configs(m, p, n):
+    """`wide_config` tilings at a real shape (K = 1024 + 64: K padding/masking), all M."""
+    from pallas_kernels.higgs_matmul.config import wide_config
+
+    w = make_weight(1088, 512, p, n, g=64 * p)
+    x = jnp.asarray(np.random.default_rng(m).normal(size=(m, 1088)), jnp.bfloat16)
+    y = higgs_matmul_pallas(x, w, config=wide_config(m, 1088, 512, p, np.log2(n) / p))
     assert rel_err(y, higgs_matmul_reference(x.astype(jnp.float32), w)) < 1e-2
 
 

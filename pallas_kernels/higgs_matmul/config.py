@@ -1,4 +1,4 @@
-"""Kernel configuration: a frozen `Config`, its heuristic default and the autotuning space.
+"""Kernel configuration: a frozen `Config`, its heuristic defaults and the autotuning space.
 
 Glossary: M = rows of x, K = contraction dim, N = output columns, p = grid dimension,
 unit = 32 consecutive codes of one column (32*p rotated coordinates of K, `cb` uint32 words).
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-PATHS = ("fma", "dot", "gemv")
+PATHS = ("fma", "dot", "gemv", "wide")
 DECODES = ("auto", "poly", "select", "gather", "gather_pair", "byte", "code")
 MAX_M = 256
 #: Largest M (after padding to a power of two) the CUDA-core (fma) path handles.
@@ -31,8 +31,10 @@ class Config:
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth.
       path: "gemv" (byte-LUT kernel of gemv.py: M <= 8, 2/4/8-bit codes), "fma" (plane kernel,
-        CUDA-core multiply-add, M <= 8, any code width) or "dot" (tensor-core bf16/f16 dot, any M).
-      block_m: rows of x per program on the "dot" path (power of two, >= 16).
+        CUDA-core multiply-add, M <= 8, any code width), "dot" (plane kernel, tensor-core
+        bf16/f16 dots of K = block_k / (32 p), any M) or "wide" (whole tile decoded at once,
+        one tensor-core dot of K = block_k / p per grid coordinate, any M; see kernel.py).
+      block_m: rows of x per program on the "dot" and "wide" paths (power of two, >= 16).
       decode: how a code becomes a grid value: "poly" (exact interpolating polynomial of the
         symmetric 1-D grid's magnitudes), "select" (select tree on the code bits, constants
         compiled in), "gather" (f32 LUT gather), "gather_pair" (p=2: one 32-bit gather returns
@@ -68,8 +70,11 @@ class Config:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if not isinstance(self.volatile, bool):
             raise ValueError(f"volatile must be a bool, got {self.volatile!r}")
-        if self.path == "dot" and self.block_m < 16:
-            raise ValueError(f"block_m must be >= 16 on the dot path, got {self.block_m}")
+        if self.path in ("dot", "wide") and self.block_m < 16:
+            raise ValueError(
+                f"block_m must be >= 16 on the {self.path} path (tensor-core dot), got "
+                f"{self.block_m}"
+            )
 
     def units_per_step(self, p: int) -> int:
         """Code words per column per loop step (``block_k / (32 p)``); validated."""
@@ -137,6 +142,40 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
     )
 
 
+def wide_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
+    """Heuristic config of the "wide" path (whole-tile decode, one long-K dot per coordinate).
+
+    Per loop step each program decodes 128 codes' worth of weights per column (BKU = 4 units for
+    p = 1, 2 for p = 2, so block_k = 128 either way): a (128, BN) decoded tile in registers.
+    BN = 128 for M <= 64 (few rows: fewer, wider programs), 64 above (the accumulator grows with
+    BM). BM = next power of two of M, at most 128 (each M block decodes the tile again, so
+    larger M blocks save decode work). split-K doubles until the grid has ~TARGET_PROGRAMS
+    programs or each program is down to one step. Not timed on a GPU yet (unlike
+    `default_config`); `bits` is accepted for signature parity and unused.
+    """
+    del bits
+    codes = -(-k // p)  # ceil(k / p) codes per column
+    units = -(-codes // 32)
+    block_m = min(128, max(16, _next_pow2(m)))
+    block_n = min(128 if m <= 64 else 64, max(16, _next_pow2(n)))
+    bku = min(4 if p == 1 else 2, _next_pow2(units))
+    steps_total = -(-units // bku)
+    n_blocks = -(-n // block_n) * -(-m // block_m)
+    split = 1
+    while split * 2 <= steps_total and n_blocks * split < TARGET_PROGRAMS:
+        split *= 2
+    return Config(
+        block_n=block_n,
+        block_k=bku * 32 * p,
+        split_k=split,
+        num_warps=4,
+        num_stages=2,
+        path="wide",
+        block_m=block_m,
+        decode="auto",
+    )
+
+
 def candidate_configs(m: int, k: int, n: int, p: int, bits: float) -> list[Config]:
     """Autotuning search space around the heuristic default."""
     base = default_config(m, k, n, p, bits)
@@ -151,6 +190,14 @@ def candidate_configs(m: int, k: int, n: int, p: int, bits: float) -> list[Confi
     out.append(dataclasses.replace(base, block_k=base.block_k * 2))
     if base.block_k // (32 * p) > 1 and base.path == "fma":
         out.append(dataclasses.replace(base, block_k=base.block_k // 2))
+    if m > 1:
+        wide = wide_config(m, k, n, p, bits)
+        out += [
+            wide,
+            dataclasses.replace(wide, block_n=64 if wide.block_n == 128 else 128),
+            dataclasses.replace(wide, num_warps=8),
+            dataclasses.replace(wide, split_k=max(1, wide.split_k // 2)),
+        ]
     seen, uniq = set(), []
     for c in out:
         if c not in seen:

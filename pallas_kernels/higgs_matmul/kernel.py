@@ -3,20 +3,30 @@
 Glossary: M = rows of x (padded to a power of two), K = rotated, padded contraction dim,
 N = columns, p = grid dimension, n = grid points, cb = code bits, unit = 32 consecutive codes of
 one column (cb uint32 words, see `repack`), BKU = units per loop step, BN = columns per program,
-S = split_k (programs along K), plane c = the c-th code (0..31) of every unit in a tile.
+BM = rows of x per program, S = split_k (programs along K), plane c = the c-th code (0..31) of
+every unit in a tile, slot = one dot operand of the wide path (a coordinate d < p, or for p = 1
+pair decoding the even/odd code of a pair).
 
 Grid: (N / BN, S, M / BM). Program (j, s, i) owns columns [j BN, (j+1) BN) and the units
-[s * steps * BKU, (s+1) * steps * BKU); it loops over `steps` tiles of BKU units, and for each
-of the 32 code planes extracts the codes with a shift and a mask (no straddling in the kernel
-layout), decodes them to grid values without a memory lookup where possible, and multiplies with
-the matching activations. The activations arrive permuted (wrapper) as x[m, d, c, u] =
-x_rot[m, (32 u + c) p + d], so each plane's activations are one contiguous slice.
+[s * steps * BKU, (s+1) * steps * BKU); it loops over `steps` tiles of BKU units, extracts the
+codes with a shift and a mask per part (no straddling in the kernel layout), decodes them to
+grid values without a memory lookup where possible, and multiplies with the matching
+activations (permuted in the wrapper, so every slice the kernel reads is contiguous).
 
-Two paths:
-- "fma" (M <= 8): CUDA-core multiply-adds into per-row accumulators of shape (BKU, BN); the
-  scale multiplies once per (tile, row) rather than per weight; reduced over rows at the end.
-- "dot": the decoded, scaled plane (BKU, BN) is cast to the activation dtype and fed to a
-  tensor-core dot with the (BM, BKU) activation plane; f32 accumulation.
+Three paths:
+- "fma" (M <= 8): plane by plane; activations x[m, d, c, u] = x_rot[m, (32 u + c) p + d];
+  CUDA-core multiply-adds into per-row accumulators of shape (BKU, BN); the scale multiplies once
+  per (tile, row) rather than per weight; reduced over rows at the end.
+- "dot": plane by plane (same activation layout); the decoded, scaled plane (BKU, BN) is cast to
+  the activation dtype and fed to a tensor-core dot with the (BM, BKU) activation plane (32 p
+  dots of K = BKU per step); f32 accumulation.
+- "wide" (any M, meant for M >= 2): the whole tile at once. Each code part is loaded as one
+  (BKU, w, BN) word block and unpacked with a broadcast shift to (BKU, 32, BN) (entry [u, c, n]
+  = code 32 (u0 + u) + c); all codes are decoded and scaled together, and each slot e is one dot
+  of K = BKU * 32 / q: (BM, K) activations x (K, BN) decoded weights (K order: unit major, code
+  minor). Activations x[m, e, u * 32/q + c'] with q = 2 for p = 1 pair decoding (slot e = code
+  parity, c' = pair index: x_rot[m, 32 u + 2 c' + e]) and q = 1 otherwise (slot e = coordinate
+  d: x_rot[m, (32 u + c') p + d]).
 Partial sums (S, M, N) are reduced outside the kernel (wrapper).
 """
 
@@ -156,9 +166,72 @@ def tile_mask_and_scales(
     return mask, scl
 
 
+def wide_codes(w_ref, u0, n0, mask, *, bku: int, bn: int, cb: int, pair: bool):
+    """All codes of a (BKU units, BN columns) tile at once: (BKU, 32 / q, BN) uint32.
+
+    Entry [u, c, n] is code ``32 (u0 + u) + c`` of column ``n0 + n`` (q = 1), or with ``pair``
+    (one part of width w, q = 2) the 2w-bit field holding codes ``2c`` (low bits) and ``2c + 1``
+    of the unit. Each part (width w, word rows [r0, r0 + w)) is one (BKU, w, BN) masked load;
+    its fields are spread over a new axis by one broadcast shift, (BKU, w, 32/(qw), BN), and the
+    row-major merge of the (w, 32/(qw)) axes is the code order of the kernel layout (`repack`).
+    No slicing of loaded values and only power-of-two shapes (Triton).
+
+    Args:
+      w_ref: (U, cb, N) uint32 kernel-layout words.
+      u0, n0: first unit row and first column of the tile (traced int32 scalars).
+      mask: (BKU, BN) bool tile mask from `tile_mask_and_scales`, or None (unmasked).
+      bku, bn, cb: tile sizes and code bits.
+      pair: extract 2w-bit pair fields (p = 1 pair decoding; cb must be one part).
+    """
+    parts = code_parts(cb)
+    if pair and len(parts) != 1:
+        raise ValueError(f"pair extraction needs a single-part code width, got cb={cb}")
+    code = None
+    row0 = offset = 0
+    for w in parts:
+        m3 = None if mask is None else jnp.broadcast_to(mask[:, None, :], (bku, w, bn))
+        ref = w_ref.at[pl.ds(u0, bku), pl.ds(row0, w), pl.ds(n0, bn)]
+        words = _compat.load(ref, mask=m3, other=0)  # (BKU, w, BN)
+        fw = 2 * w if pair else w
+        per = 32 // fw  # fields per word
+        slot = lax.broadcasted_iota(jnp.int32, (1, 1, per, 1), 2).astype(jnp.uint32)
+        field = (words.reshape(bku, w, 1, bn) >> (slot * np.uint32(fw))) & np.uint32((1 << fw) - 1)
+        field = field.reshape(bku, w * per, bn)
+        code = field if code is None else code | (field << np.uint32(offset))
+        row0 += w
+        offset += w
+    return code
+
+
 # ------------------------------------------------------------------------------------ kernel
+def _wide_tile_dot(
+    x_ref, w_ref, lut_ref, u0, n0, i, mask, scl, *, decode, p, cb, grid_values, coef, bku, bn, bm
+):
+    """One loop step of the wide path: (BM, BN) f32 contribution of a (BKU, BN) word tile."""
+    pair = decode == "gather_pair" and p == 1
+    q = 2 if pair else 1
+    code = wide_codes(w_ref, u0, n0, mask, bku=bku, bn=bn, cb=cb, pair=pair)
+    if pair:
+        # 2w-bit pair fields index the n*n table of bf16 pairs: slot 0 = even, 1 = odd codes.
+        vals = decode_codes(code, lut_ref, decode=decode, cb=2 * cb, p=2, grid_values=(), coef=())
+    else:
+        vals = decode_codes(
+            code, lut_ref, decode=decode, cb=cb, p=p, grid_values=grid_values, coef=coef
+        )
+    k = bku * 32 // q
+    scl3 = scl[:, None, :]  # (BKU, 1, BN): one scale per (unit row, column)
+    k0 = pl.multiple_of(u0 * (32 // q), k)
+    acc = None
+    for e, v in enumerate(vals):
+        xs = x_ref[pl.ds(i * bm, bm), e, pl.ds(k0, k)]  # (BM, K), contiguous
+        wv = (v * scl3).astype(xs.dtype).reshape(k, bn)  # K order: unit major, code minor
+        part = jnp.dot(xs, wv, preferred_element_type=jnp.float32)
+        acc = part if acc is None else acc + part
+    return acc
+
+
 def higgs_matmul_kernel(
-    x_ref,  # (Mp, p, 32, U_x) f32 (fma) or activation dtype (dot): permuted rotated activations
+    x_ref,  # (Mp, p, 32, U_x) f32 (fma) / activation dtype (dot), or (Mp, p q, 32 U_x / q) (wide)
     w_ref,  # (U, cb, N) uint32: kernel-layout codes
     s_ref,  # (G, N) scales
     lut_ref,  # (L,) f32 / uint32 lookup table (only read by the gather decoders)
@@ -207,6 +280,25 @@ def higgs_matmul_kernel(
             mask_rows=mask_rows,
             mask_cols=mask_cols,
         )
+        if path == "wide":
+            return carry + _wide_tile_dot(
+                x_ref,
+                w_ref,
+                lut_ref,
+                u0,
+                n0,
+                i,
+                mask,
+                scl,
+                decode=decode,
+                p=p,
+                cb=cb,
+                grid_values=grid_values,
+                coef=coef,
+                bku=bku,
+                bn=bn,
+                bm=bm,
+            )
         words = {}
 
         def word(t):
@@ -214,7 +306,6 @@ def higgs_matmul_kernel(
                 ref = w_ref.at[pl.ds(u0, bku), jnp.int32(t), pl.ds(n0, bn)]
                 words[t] = _compat.load(ref, mask=mask, other=0)
             return words[t]
-
 
         if path == "fma":
             partial = [jnp.zeros((bku, bn), jnp.float32) for _ in range(m_rows)]

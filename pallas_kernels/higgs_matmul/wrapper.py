@@ -171,7 +171,7 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
     if cfg.path in ("fma", "gemv"):
         if m > MAX_FMA_M:
             raise ValueError(
-                f"path={cfg.path!r} supports M <= {MAX_FMA_M}, got M={m}; use path='dot'"
+                f"path={cfg.path!r} supports M <= {MAX_FMA_M}, got M={m}; use path='dot' or 'wide'"
             )
         if cfg.path == "gemv" and cb not in _gemv.BYTE_CODE_BITS:
             raise ValueError(
@@ -186,10 +186,18 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
         raise ValueError(f"decode={cfg.decode!r} is for path='gemv', got path={cfg.path!r}")
     decode, coef = resolve_decode(cfg.decode if cfg.path != "gemv" else "auto", kw)
 
-    # Activation permutation x[m, d, c, u] = x_rot[m, (32u + c) p + d]; XLA fuses it with the
-    # rotation, so the kernel reads each code plane's activations as one contiguous slice.
     xr = jnp.pad(xr, [(0, mp - m), (0, ux * 32 * p - xr.shape[1])])
-    xp = xr.reshape(mp, ux, 32, p).transpose(0, 3, 2, 1).astype(xdt)
+    if cfg.path == "wide":
+        # x[m, e, u * 32/q + c] = x_rot[m, (32u/q + c) pq + e]: slot e's activations for a tile
+        # of units are one contiguous (BM, BKU * 32/q) slice in the order the kernel unpacks the
+        # codes (q = 2: p = 1 pair decoding, slot e = code parity; q = 1: slot e = coordinate).
+        q = 2 if (decode == "gather_pair" and p == 1) else 1
+        xp = xr.reshape(mp, ux, 32 // q, p * q).transpose(0, 3, 1, 2)
+        xp = xp.reshape(mp, p * q, ux * 32 // q).astype(xdt)
+    else:
+        # Activation permutation x[m, d, c, u] = x_rot[m, (32u + c) p + d]; XLA fuses it with
+        # the rotation, so the kernel reads each code plane's activations as one contiguous slice.
+        xp = xr.reshape(mp, ux, 32, p).transpose(0, 3, 2, 1).astype(xdt)
 
     common = dict(
         p=p,
@@ -234,7 +242,7 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
         )
         lut = _lut(decode, kw)
         name = f"higgs_matmul_p{p}_cb{cb}_{cfg.path}_{decode}"
-    grid = (n_out // bn, split, mp // bm if cfg.path == "dot" else 1)
+    grid = (n_out // bn, split, mp // bm if cfg.path in ("dot", "wide") else 1)
     with _compat.quiet_triton_deprecation():
         partial = pl.pallas_call(
             body,
