@@ -323,6 +323,11 @@ def run_check(args: argparse.Namespace) -> Iterator[dict]:
             params,
             is_leaf=lambda x: isinstance(x, HiggsTensor),
         )
+    if args.fuse:  # check exactly what is timed: the fused kernel-layout params
+        from higgs_jax.fuse import fuse_projections
+
+        if kernel_params is not None:
+            kernel_params, _ = fuse_projections(kernel_params)
     for b in sorted(args.batches):
         cache = random_cache(jax.random.fold_in(key, 1000 + b), config, b, args.cache_len, args.ctx)
         tok = jax.random.randint(jax.random.fold_in(key, 2000 + b), (b, 1), 0, config.vocab_size)
@@ -338,6 +343,7 @@ def run_check(args: argparse.Namespace) -> Iterator[dict]:
         dense_logits = make_step_fn(config)(dense, tok, cache)
         row = {
             "variant": name,
+            "fused_projections": bool(args.fuse),
             "batch": b,
             "layers": config.num_layers,
             "path": path,
@@ -383,6 +389,13 @@ def run_variant(args: argparse.Namespace, name: str) -> Iterator[dict]:
     params = build_params(
         config, spec, jax.random.key(args.seed), kernel_layout=gpu and spec is not None
     )
+    if args.fuse:
+        from higgs_jax.fuse import fuse_projections
+
+        params, fuse_report = fuse_projections(params)
+        jax.block_until_ready(params)
+        n_fused = sum(r["fused"] for r in fuse_report)
+        log(f"[{name}] fused {n_fused}/{len(fuse_report)} shared-input groups (qkv, gate_up)")
     build_s = time.perf_counter() - t0
     nbytes = params_bytes(params)
     log(
@@ -424,6 +437,7 @@ def run_variant(args: argparse.Namespace, name: str) -> Iterator[dict]:
         host = float(np.median(host_times))
         row = {
             "variant": name,
+            "fused_projections": bool(args.fuse),
             "p": None if spec is None else spec.p,
             "bits": None if spec is None else spec.bits,
             "batch": b,
@@ -560,7 +574,8 @@ def render_markdown(results: dict) -> str:
         f"# Decode benchmark ({m['date']}, {m['device']}, jax {m['jax']})",
         "",
         f"- command: `{m['command']}`",
-        f"- model: {m['model']}; {m['layers_note']}",
+        f"- model: {m['model']}; {m['layers_note']}"
+        + ("; q/k/v and gate/up fused (one matmul each)" if m.get("fused_projections") else ""),
         (
             f"- decode step: one new token per row, KV cache length S={m['cache_len']} holding "
             f"ctx={m['ctx']} tokens (attention spans all S slots, masked); R={m['reps']} steps per "
@@ -621,6 +636,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--in-process", action="store_true", help="no subprocesses (peaks not separate)"
     )
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument(
+        "--fuse",
+        action="store_true",
+        help="fuse q/k/v and gate/up into one matmul each (higgs_jax.fuse), every variant",
+    )
     ap.add_argument("--compile-cache", default=None, help="persistent jax compilation cache dir")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -683,6 +703,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "host_calls": args.host_calls,
         "batches": args.batches,
         "variants": args.variants,
+        "fused_projections": bool(args.fuse),
         "separate_processes": not args.in_process,
     }
     log(

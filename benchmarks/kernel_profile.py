@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.kernel_bench import random_weight
 from pallas_kernels.higgs_matmul import default_config
+from pallas_kernels.higgs_matmul.config import TARGET_PROGRAMS, wide_config
 from pallas_kernels.higgs_matmul import wrapper as _wrapper
 
 METRICS = (
@@ -43,6 +44,7 @@ METRICS = (
     "smsp__issue_active.avg.pct_of_peak_sustained_active",
     "smsp__inst_executed_pipe_lsu.sum",
     "l1tex__data_pipe_lsu_wavefronts_mem_shared.sum",
+    "l1tex__t_sectors_pipe_lsu_mem_local_op_ld.sum",
 )
 
 GRIDS = {"p1_2b": (1, 4), "p1_3b": (1, 8), "p1_4b": (1, 16), "p2_2b": (2, 16), "p2_3b": (2, 64), "p2_4b": (2, 256)}
@@ -51,7 +53,9 @@ GRIDS = {"p1_2b": (1, 4), "p1_3b": (1, 8), "p1_4b": (1, 16), "p2_2b": (2, 16), "
 def variants(
     k: int, n: int, m: int, grids: list[str], defaults_only: bool = False, paths=("gemv", "fma")
 ) -> list[dict]:
-    """Per grid: the gemv kernel's default and its neighbours, and the plane kernel's default."""
+    """Per grid and requested path: the gemv kernel's default and its neighbours, the plane
+    kernel's fma default (M <= 8), the plane kernel's dot default (and half its K tile), and the
+    wide path's `wide_config` with a tiling/warps/decoder sweep around it."""
     out = []
     for name in grids:
         p, ng = GRIDS[name]
@@ -67,9 +71,51 @@ def variants(
                     if not defaults_only:
                         cfgs.append(dataclasses.replace(b, block_k=b.block_k // 2))
                         cfgs.append(dataclasses.replace(b, split_k=b.split_k * 2))
-        if "fma" in paths:
+        if "fma" in paths and m <= 8:
             dec = "gather_pair" if (p == 2 or cb in (2, 4)) else "gather"
             cfgs.append(dataclasses.replace(base, path="fma", decode=dec))
+        if "fma_tiles" in paths and m <= 8:
+            # M <= 8 tiling sweep (units per step x columns per program), split-K as the
+            # default heuristic picks it for that tiling: small shapes have few steps per column
+            units = -(-(-(-k // p)) // 32)
+            dec = "gather_pair" if (p == 2 or cb in (2, 4)) else "gather"
+            for bku in (2, 4, 8, 16):
+                for bn in (32, 64, 128):
+                    steps_total = -(-units // bku)
+                    split = 1
+                    while split * 2 <= steps_total and -(-n // bn) * split < TARGET_PROGRAMS:
+                        split *= 2
+                    cfgs.append(
+                        dataclasses.replace(
+                            base, path="fma", decode=dec, block_k=bku * 32 * p, block_n=bn,
+                            split_k=split,
+                        )
+                    )
+        if "dot" in paths:
+            d = default_config(max(m, 16), k, n, p, 0)
+            cfgs.append(dataclasses.replace(d, path="dot"))
+            if not defaults_only:
+                cfgs.append(dataclasses.replace(d, path="dot", block_k=d.block_k // 2))
+        if "wide" in paths:
+            w = wide_config(m, k, n, p, 0)
+            cfgs.append(w)
+            if not defaults_only:
+                # tile K (units per step) x columns, one stage (the register tile is the issue),
+                # then warps/stages/decoder neighbours of the middle point
+                for bku in (1, 2, 4):
+                    for bn in (32, 64, 128):
+                        cfgs.append(
+                            dataclasses.replace(
+                                w, block_k=bku * 32 * p, block_n=bn, num_stages=1
+                            )
+                        )
+                mid = dataclasses.replace(w, block_k=2 * 32 * p, block_n=64, num_stages=1)
+                cfgs.append(dataclasses.replace(mid, num_warps=8))
+                cfgs.append(dataclasses.replace(mid, num_warps=2))
+                cfgs.append(dataclasses.replace(mid, decode="gather"))
+                if p == 1:
+                    cfgs.append(dataclasses.replace(mid, decode="poly"))
+                cfgs.append(dataclasses.replace(mid, split_k=max(1, mid.split_k // 4)))
         for c in cfgs:
             out.append({"grid": name, "p": p, "n": ng, "k": k, "cols": n, "m": m, **c.to_dict()})
     return out
@@ -102,7 +148,7 @@ def run_variants(vs: list[dict], interpret: bool) -> None:
               f"{v['compile_s']:.1f}s", file=sys.stderr, flush=True)
 
 
-def time_variants(vs: list[dict]) -> None:
+def time_variants(vs: list[dict], save=None) -> None:
     """Full op (rotation + kernel) with the benchmark's fori_loop timing, plus torch bf16."""
     from benchmarks.kernel_bench import n_copies, torch_matmul_time, weight_bytes
     from pallas_kernels.higgs_matmul import higgs_matmul_pallas
@@ -122,8 +168,15 @@ def time_variants(vs: list[dict]) -> None:
         ]
         x = jax.random.normal(jax.random.key(7), (v["m"], v["k"]), jnp.bfloat16)
         t0 = time.perf_counter()
-        t = time_device(lambda a, w, c=cfg: higgs_matmul_pallas(a, w, config=c), x, kws, 64)
+        try:
+            t = time_device(lambda a, w, c=cfg: higgs_matmul_pallas(a, w, config=c), x, kws, 64)
+        except Exception as e:  # noqa: BLE001 - a variant that fails is reported, not fatal
+            v["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            print(f"failed {v['grid']} {v['path']} bn={v['block_n']} bk={v['block_k']}: {v['error']}")
+            continue
         v["full_us"] = t * 1e6
+        if save is not None:
+            save()
         print(f"full op {v['grid']} {v['path']} {v['decode']} {v['k']}x{v['cols']} M={v['m']}: {t * 1e6:.1f} us "
               f"(copies {len(kws)}, compile+time {time.perf_counter() - t0:.1f} s)", flush=True)
 
@@ -149,6 +202,7 @@ def join(csv_path: Path, vs: list[dict]) -> list[dict]:
         v["occupancy_pct"] = met.get("sm__warps_active.avg.pct_of_peak_sustained_active")
         v["issue_pct"] = met.get("smsp__issue_active.avg.pct_of_peak_sustained_active")
         v["smem_wavefronts"] = met.get("l1tex__data_pipe_lsu_wavefronts_mem_shared.sum")
+        v["local_ld_sectors"] = met.get("l1tex__t_sectors_pipe_lsu_mem_local_op_ld.sum")
     return vs
 
 
@@ -162,6 +216,9 @@ def main(argv=None) -> int:
     ap.add_argument("--defaults-only", action="store_true", help="default tiling per decoder")
     ap.add_argument("--time", action="store_true", help="time the full op (fori_loop) instead")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, interpret mode (CPU)")
+    ap.add_argument(
+        "--paths", default="gemv,fma", help="kernel paths to sweep: gemv, fma, fma_tiles (M <= 8 tiling sweep), dot, wide"
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,24 +226,37 @@ def main(argv=None) -> int:
         vs = join(Path(args.join), json.loads((out / "variants.json").read_text()))
         (out / "variants_joined.json").write_text(json.dumps(vs, indent=1))
         vs = sorted((v for v in vs if "us" in v), key=lambda v: (v["k"], v["grid"], v["us"]))
-        print("| K x N | grid | path | decode | bn | bk | warps | stages | split | us | DRAM GB/s | inst/w | lsu/w | regs | occ% | issue% |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| K x N | grid | path | decode | bn | bk | warps | stages | split | us | DRAM GB/s | inst/w | lsu/w | regs | occ% | issue% | smem wavefronts | local-ld sectors |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for v in vs:
             print(f"| {v['k']}x{v['cols']} | {v['grid']} | {v['path']} | {v['decode']}{' vol' if v.get('volatile') else ''} | {v['block_n']} | {v['block_k']} | {v['num_warps']} | "
                   f"{v['num_stages']} | {v['split_k']} | {v['us']:.1f} | {v['dram_GBps']:.0f} | "
                   f"{v['inst_per_weight']:.2f} | {v['lsu_per_weight']:.2f} | {v['regs']} | "
-                  f"{v['occupancy_pct']} | {v['issue_pct']} |")
+                  f"{v['occupancy_pct']} | {v['issue_pct']} | {v.get('smem_wavefronts')} | "
+                  f"{v.get('local_ld_sectors')} |")
         return 0
     shapes = [tuple(int(t) for t in sh.split("x")) for sh in args.shape.split(",")]
     if args.smoke:
         shapes = [(1024, 256)]
     vs = []
     for k, n in shapes:
-        vs += variants(k, n, args.m, args.grids.split(","), args.defaults_only)
+        vs += variants(
+            k, n, args.m, args.grids.split(","), args.defaults_only, args.paths.split(",")
+        )
     if args.smoke:
         vs = vs[:3]
     if args.time:
-        time_variants(vs)
+        time_variants(vs, save=lambda: (out / "timed.json").write_text(json.dumps(vs, indent=1)))
+        print("| K x N | M | grid | path | decode | bn | bk | warps | stages | split | full op us |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for v in sorted(
+            (v for v in vs if "full_us" in v), key=lambda v: (v["k"], v["cols"], v["grid"], v["full_us"])
+        ):
+            print(
+                f"| {v['k']}x{v['cols']} | {v['m']} | {v['grid']} | {v['path']} | {v['decode']} | "
+                f"{v['block_n']} | {v['block_k']} | {v['num_warps']} | {v['num_stages']} | "
+                f"{v['split_k']} | {v['full_us']:.1f} |"
+            )
         return 0
     run_variants(vs, interpret=args.smoke)
     (out / "variants.json").write_text(json.dumps(vs, indent=1))

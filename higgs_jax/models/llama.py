@@ -19,7 +19,10 @@ The params tree is a plain nested dict in Flax layout (kernels are (in, out)):
 ```
 
 Every linear layer goes through `higgs_jax.matmul.linear`, so a kernel may be a plain array or a
-quantized `HiggsTensor` leaf; biases are always applied when present.
+quantized `HiggsTensor` leaf; biases are always applied when present. For inference a block may
+instead hold the fused ``attn/qkv_proj`` (D, (Hq + 2 Hkv) hd) and ``mlp/gate_up_proj`` (D, 2F)
+made by `higgs_jax.fuse.fuse_projections` (one matmul per shared input); the block splits their
+outputs by the config's widths.
 
 RoPE uses the rotate-half convention (HF layout): for a head vector x = [x1, x2] (halves),
 rope(x) = x * cos + [-x2, x1] * sin with angles pos * theta^(-2i/hd), i < hd/2.
@@ -411,9 +414,14 @@ def decoder_block(
     taps: dict | None = {} if capture else None
     x = rms_norm(h, lp["input_norm"]["scale"], c.rms_norm_eps)
     ap = lp["attn"]
-    q = _linear(x, ap["q_proj"]).reshape(B, T, c.num_heads, c.head_dim)
-    k = _linear(x, ap["k_proj"]).reshape(B, T, c.num_kv_heads, c.head_dim)
-    v = _linear(x, ap["v_proj"]).reshape(B, T, c.num_kv_heads, c.head_dim)
+    if "qkv_proj" in ap:  # fused at load time (higgs_jax.fuse): one matmul, split by width
+        qkv = _linear(x, ap["qkv_proj"])
+        q, k, v = jnp.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+    else:
+        q, k, v = (_linear(x, ap[n]) for n in ("q_proj", "k_proj", "v_proj"))
+    q = q.reshape(B, T, c.num_heads, c.head_dim)
+    k = k.reshape(B, T, c.num_kv_heads, c.head_dim)
+    v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
     q = _rope(q, positions, inv_freq)
     k = _rope(k, positions, inv_freq)
     new_lc = None
@@ -428,8 +436,12 @@ def decoder_block(
     h = h + _linear(a, ap["o_proj"]).astype(dtype)
     x2 = rms_norm(h, lp["post_attn_norm"]["scale"], c.rms_norm_eps)
     mp = lp["mlp"]
-    g = jax.nn.silu(_linear(x2, mp["gate_proj"]))
-    u = _linear(x2, mp["up_proj"])
+    if "gate_up_proj" in mp:  # fused at load time (higgs_jax.fuse)
+        g, u = jnp.split(_linear(x2, mp["gate_up_proj"]), [c.intermediate_size], axis=-1)
+        g = jax.nn.silu(g)
+    else:
+        g = jax.nn.silu(_linear(x2, mp["gate_proj"]))
+        u = _linear(x2, mp["up_proj"])
     act = g * u
     h = h + _linear(act, mp["down_proj"]).astype(dtype)
     if capture:

@@ -1,0 +1,191 @@
+"""Inference-time fusion of the linear layers that read the same input (fewer, wider matmuls).
+
+Glossary: K = contraction dim (rows of a Flax kernel), N = output columns, group = layers that
+read the same activations (q/k/v read the attention input, gate/up the MLP input).
+
+`fuse_projections(params)` replaces, in every decoder block, ``attn/{q,k,v}_proj`` by one
+``attn/qkv_proj`` and ``mlp/{gate,up}_proj`` by one ``mlp/gate_up_proj`` whose kernel is the
+column concatenation of the originals (and whose bias is the concatenation of theirs; a
+missing bias among present ones becomes zeros, so nothing is dropped). The Llama model
+(`higgs_jax.models.llama.decoder_block`) accepts either form and splits the fused output by
+the config's widths, so the result is the same function with one matmul launch per group
+instead of three or two; with HIGGS weights the activation rotation is also done once.
+
+Quantized kernels fuse when they are the same kind of leaf (`HiggsTensor` or the GPU kernel's
+`KernelPackedWeight`) with identical quantization metadata (grid, h, g, K padding, dtype) and
+identical random signs (the rotation of the shared input must be the same); outliers are kept
+(column indices shifted). Plain arrays fuse with plain arrays of the same dtype. A group that
+cannot be fused is left as it is and reported with the reason (e.g. dynamic bit allocation gave
+q and k different grids). Fusion is for inference: quantization, calibration and checkpoints
+use the unfused names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: (sub-module, layers read from the same input, fused name), Llama family.
+LLAMA_GROUPS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+    ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"),
+)
+
+_CODE_FIELD = {"HiggsTensor": "codes", "KernelPackedWeight": "words"}
+
+
+def _kind(w) -> str:
+    name = type(w).__name__
+    if name in _CODE_FIELD:
+        return name
+    if isinstance(w, (jax.Array, np.ndarray)):
+        return "array"
+    return name
+
+
+def _meta(w) -> dict:
+    skip = {"shape", "codes", "words", "scales", "signs"}
+    skip |= {"outlier_rows", "outlier_cols", "outlier_values"}
+    return {f.name: getattr(w, f.name) for f in dataclasses.fields(w) if f.name not in skip}
+
+
+def why_not_fusable(kernels: Sequence[Any]) -> str | None:
+    """None if `concat_columns` can fuse these (K, N_i) kernels, else the reason."""
+    kinds = {_kind(w) for w in kernels}
+    if len(kinds) != 1:
+        return f"mixed leaf types {sorted(kinds)}"
+    (kind,) = kinds
+    if kind == "array":
+        dtypes = {str(w.dtype) for w in kernels}
+        if len(dtypes) != 1:
+            return f"mixed dtypes {sorted(dtypes)}"
+        ks = {w.shape[0] for w in kernels}
+        if len(ks) != 1 or any(w.ndim != 2 for w in kernels):
+            return f"not 2-D kernels with one K: shapes {[tuple(w.shape) for w in kernels]}"
+        return None
+    if kind not in _CODE_FIELD:
+        return f"unsupported leaf type {kind}"
+    if any(getattr(w, "contraction_axis", 0) != 0 for w in kernels):
+        return "a kernel is quantized along axis 1"
+    ks = {w.shape[0] for w in kernels}
+    if len(ks) != 1:
+        return f"different K {sorted(ks)}"
+    metas = [_meta(w) for w in kernels]
+    for m in metas[1:]:
+        diff = sorted(k for k in m if m[k] != metas[0][k])
+        if diff:
+            return "different quantization settings: " + ", ".join(
+                f"{k} {metas[0][k]!r} vs {m[k]!r}" for k in diff
+            )
+    signs = [w.signs for w in kernels]
+    if any(s is None for s in signs) != all(s is None for s in signs):
+        return "random signs on some kernels only"
+    if signs[0] is not None:
+        s0 = np.asarray(signs[0])
+        if any(not np.array_equal(s0, np.asarray(s)) for s in signs[1:]):
+            return "different random signs (the shared input would need different rotations)"
+    return None
+
+
+def concat_columns(kernels: Sequence[Any]):
+    """One (K, sum N_i) kernel equal to the column concatenation of (K, N_i) kernels.
+
+    Works for plain arrays, `HiggsTensor` and `KernelPackedWeight` (packed codes and scales are
+    per column, so the concatenation is exact; outlier column indices are shifted).
+
+    Raises:
+      ValueError: if the kernels cannot be fused (`why_not_fusable` names the reason).
+    """
+    if len(kernels) < 2:
+        raise ValueError(f"need at least two kernels to fuse, got {len(kernels)}")
+    why = why_not_fusable(kernels)
+    if why is not None:
+        raise ValueError(f"cannot fuse kernels of shapes {[tuple(w.shape) for w in kernels]}: {why}")
+    first = kernels[0]
+    if _kind(first) == "array":
+        return jnp.concatenate(list(kernels), axis=1)
+    field = _CODE_FIELD[_kind(first)]
+    n_total = sum(int(w.shape[1]) for w in kernels)
+    changes = {
+        field: jnp.concatenate([getattr(w, field) for w in kernels], axis=-1),
+        "scales": jnp.concatenate([w.scales for w in kernels], axis=-1),
+        "shape": (int(first.shape[0]), n_total),
+    }
+    if any(getattr(w, "outlier_values", None) is not None for w in kernels):
+        rows, cols, vals, off = [], [], [], 0
+        for w in kernels:
+            if w.outlier_values is not None:
+                rows.append(jnp.asarray(w.outlier_rows, jnp.int32))
+                cols.append(jnp.asarray(w.outlier_cols, jnp.int32) + off)
+                vals.append(jnp.asarray(w.outlier_values, jnp.float32))
+            off += int(w.shape[1])
+        changes.update(
+            outlier_rows=jnp.concatenate(rows),
+            outlier_cols=jnp.concatenate(cols),
+            outlier_values=jnp.concatenate(vals),
+        )
+    return dataclasses.replace(first, **changes)
+
+
+def _fuse_bias(layers: Sequence[Mapping[str, Any]], kernels) -> Any:
+    biases = [lp.get("bias") for lp in layers]
+    if all(b is None for b in biases):
+        return None
+    dtype = next(b.dtype for b in biases if b is not None)
+    return jnp.concatenate(
+        [
+            b.astype(dtype) if b is not None else jnp.zeros((int(k.shape[1]),), dtype)
+            for b, k in zip(biases, kernels)
+        ]
+    )
+
+
+def fuse_projections(
+    params: Mapping[str, Any], groups=LLAMA_GROUPS
+) -> tuple[dict, list[dict]]:
+    """Fuses every group of shared-input linears in each ``layers_i`` block of `params`.
+
+    Returns:
+      (new params, report): one report entry per (block, group): ``{"layer", "fused", "into",
+      "reason"}`` (reason is None when fused). Blocks or groups that are absent are skipped.
+
+    Raises:
+      ValueError: if `params` has no ``layers_*`` blocks, or a block already holds the fused
+        name next to the unfused layers (ambiguous).
+    """
+    blocks = [k for k in params if str(k).startswith("layers_")]
+    if not blocks:
+        raise ValueError(f"no 'layers_*' blocks in params (top-level keys: {sorted(params)[:8]})")
+    out = dict(params)
+    report = []
+    for b in blocks:
+        block = dict(params[b])
+        for sub, names, fused in groups:
+            if sub not in block:
+                continue
+            mod = dict(block[sub])
+            if not all(n in mod for n in names):
+                continue
+            if fused in mod:
+                raise ValueError(f"{b}/{sub} has both {fused!r} and {names}")
+            layers = [mod[n] for n in names]
+            kernels = [lp["kernel"] for lp in layers]
+            why = why_not_fusable(kernels)
+            report.append({"layer": f"{b}/{sub}", "fused": why is None, "into": fused, "reason": why})
+            if why is not None:
+                continue
+            new = {"kernel": concat_columns(kernels)}
+            bias = _fuse_bias(layers, kernels)
+            if bias is not None:
+                new["bias"] = bias
+            for n in names:
+                del mod[n]
+            mod[fused] = new
+            block[sub] = mod
+        out[b] = block
+    return out, report

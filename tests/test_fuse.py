@@ -1,0 +1,165 @@
+"""Inference-time fusion of shared-input projections (higgs_jax.fuse) and the model's fused path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from higgs_jax.config import HiggsConfig
+from higgs_jax.fuse import concat_columns, fuse_projections, why_not_fusable
+from higgs_jax.models.llama import LlamaConfig, forward, random_params
+from higgs_jax.params import default_rules, dequantize_params, quantize_params
+from higgs_jax.qtensor import dequantize
+from higgs_jax.quantize import quantize
+
+SMALL = LlamaConfig(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=1000.0,
+    max_position_embeddings=64,
+)
+BIASED = dataclasses.replace(SMALL, attention_bias=True, attention_out_bias=True, mlp_bias=True)
+fwd = jax.jit(forward, static_argnums=2)
+
+
+def _tokens(config, seed=0):
+    return jax.random.randint(jax.random.key(seed), (2, 7), 0, config.vocab_size, jnp.int32)
+
+
+@pytest.mark.parametrize("config", [SMALL, BIASED], ids=["nobias", "bias"])
+def test_dense_fused_model_is_the_same_function(config):
+    params = random_params(config, jax.random.key(0))
+    fused, report = fuse_projections(params)
+    assert [r["fused"] for r in report] == [True] * 4  # 2 layers x (qkv, gate_up)
+    attn, mlp = fused["layers_0"]["attn"], fused["layers_0"]["mlp"]
+    assert set(attn) == {"qkv_proj", "o_proj"} and set(mlp) == {"gate_up_proj", "down_proj"}
+    assert attn["qkv_proj"]["kernel"].shape == (64, config.q_dim + 2 * config.kv_dim)
+    assert ("bias" in attn["qkv_proj"]) == config.attention_bias
+    tok = _tokens(config)
+    a, _ = fwd(params, tok, config)
+    b, _ = fwd(fused, tok, config)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    # the input tree is not modified
+    assert "q_proj" in params["layers_0"]["attn"]
+
+
+def test_quantized_fused_model_is_the_same_function():
+    params = random_params(SMALL, jax.random.key(1))
+    q, _ = quantize_params(params, default_rules(HiggsConfig(bits=4, p=2, hadamard_size=32)))
+    fused, report = fuse_projections(q)
+    assert all(r["fused"] for r in report)
+    tok = _tokens(SMALL, 1)
+    a, _ = fwd(q, tok, SMALL)
+    b, _ = fwd(fused, tok, SMALL)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+    # the fused weight dequantizes to the concatenation of the three
+    lp = q["layers_1"]["attn"]
+    want = np.concatenate(
+        [np.asarray(dequantize(lp[n]["kernel"])) for n in ("q_proj", "k_proj", "v_proj")], axis=1
+    )
+    got = np.asarray(dequantize(fused["layers_1"]["attn"]["qkv_proj"]["kernel"]))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_concat_keeps_outliers_and_signs():
+    key = jax.random.key(2)
+    ws = [jax.random.normal(jax.random.fold_in(key, i), (48, n)) for i, n in enumerate((16, 8))]
+    spec = HiggsConfig(bits=3, p=1, hadamard_size=16, random_signs=True)
+    qs = [quantize(w, spec, axis=0, key=jax.random.key(5)) for w in ws]  # same key -> same signs
+    qs[1] = dataclasses.replace(
+        qs[1],
+        outlier_rows=jnp.array([3, 40], jnp.int32),
+        outlier_cols=jnp.array([0, 7], jnp.int32),
+        outlier_values=jnp.array([2.5, -1.0], jnp.float32),
+    )
+    fused = concat_columns(qs)
+    assert fused.shape == (48, 24)
+    want = np.concatenate([np.asarray(dequantize(t)) for t in qs], axis=1)
+    np.testing.assert_allclose(np.asarray(dequantize(fused)), want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(fused.outlier_cols), [16, 23])
+
+
+def test_unfusable_groups_are_left_and_reported():
+    params = random_params(SMALL, jax.random.key(3))
+    rules = (
+        (r"layers_0/attn/k_proj/kernel$", HiggsConfig(bits=2, p=1, hadamard_size=32)),
+        *default_rules(HiggsConfig(bits=4, p=1, hadamard_size=32)),
+    )
+    q, _ = quantize_params(params, rules)
+    fused, report = fuse_projections(q)
+    bad = [r for r in report if not r["fused"]]
+    assert [r["layer"] for r in bad] == ["layers_0/attn"]
+    assert "grid" in bad[0]["reason"]
+    assert set(fused["layers_0"]["attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert "qkv_proj" in fused["layers_1"]["attn"]
+    tok = _tokens(SMALL, 2)
+    np.testing.assert_allclose(
+        np.asarray(fwd(fused, tok, SMALL)[0]), np.asarray(fwd(q, tok, SMALL)[0]), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_why_not_fusable_reasons():
+    key = jax.random.key(4)
+    w = jax.random.normal(key, (32, 16))
+    a = quantize(w, HiggsConfig(bits=4, p=1, hadamard_size=16, random_signs=True), axis=0, key=jax.random.key(0))
+    b = quantize(w, HiggsConfig(bits=4, p=1, hadamard_size=16, random_signs=True), axis=0, key=jax.random.key(1))
+    c = quantize(w, HiggsConfig(bits=4, p=1, hadamard_size=16), axis=0)
+    assert "different random signs" in why_not_fusable([a, b])
+    assert "signs on some" in why_not_fusable([a, c])
+    assert "mixed leaf types" in why_not_fusable([c, w])
+    assert "mixed dtypes" in why_not_fusable([w, w.astype(jnp.bfloat16)])
+    assert "different K" in why_not_fusable([c, quantize(w[:16], HiggsConfig(bits=4, p=1, hadamard_size=16), axis=0)])
+    assert why_not_fusable([w, w]) is None and why_not_fusable([c, c]) is None
+    with pytest.raises(ValueError, match="different random signs"):
+        concat_columns([a, b])
+    with pytest.raises(ValueError, match="at least two"):
+        concat_columns([c])
+
+
+def test_partial_bias_is_filled_not_dropped():
+    params = random_params(SMALL, jax.random.key(5))
+    params["layers_0"]["mlp"]["up_proj"]["bias"] = jnp.arange(96, dtype=jnp.float32)
+    fused, _ = fuse_projections(params)
+    bias = np.asarray(fused["layers_0"]["mlp"]["gate_up_proj"]["bias"])
+    np.testing.assert_array_equal(bias, np.concatenate([np.zeros(96), np.arange(96)]))
+    tok = _tokens(SMALL, 3)
+    np.testing.assert_allclose(
+        np.asarray(fwd(fused, tok, SMALL)[0]), np.asarray(fwd(params, tok, SMALL)[0]), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_fuse_bad_input():
+    with pytest.raises(ValueError, match="no 'layers_\\*' blocks"):
+        fuse_projections({"embed_tokens": {}})
+    params = random_params(SMALL, jax.random.key(6))
+    params["layers_0"]["attn"]["qkv_proj"] = {"kernel": jnp.zeros((64, 128))}
+    with pytest.raises(ValueError, match="has both 'qkv_proj'"):
+        fuse_projections(params)
+
+
+def test_kernel_packed_weights_fuse_to_the_repacked_concatenation():
+    from pallas_kernels.higgs_matmul import higgs_matmul_pallas, repack
+
+    key = jax.random.key(7)
+    ws = [jax.random.normal(jax.random.fold_in(key, i), (200, n)) for i, n in enumerate((64, 32, 32))]
+    spec = HiggsConfig(bits=3, p=2, hadamard_size=64, group_size=64)  # 6-bit codes: a real bit shuffle
+    qs = [quantize(w, spec, axis=0) for w in ws]
+    fused = concat_columns([repack(t) for t in qs])
+    ref = repack(concat_columns(qs))
+    np.testing.assert_array_equal(np.asarray(fused.words), np.asarray(ref.words))
+    np.testing.assert_array_equal(np.asarray(fused.scales), np.asarray(ref.scales))
+    x = jax.random.normal(key, (3, 200), jnp.float32)
+    y = higgs_matmul_pallas(x, fused, interpret=True)
+    parts = [higgs_matmul_pallas(x, repack(t), interpret=True) for t in qs]
+    np.testing.assert_allclose(
+        np.asarray(y), np.concatenate([np.asarray(p) for p in parts], axis=1), rtol=1e-5, atol=1e-5
+    )
