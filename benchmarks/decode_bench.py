@@ -497,6 +497,8 @@ def child_argv(args: argparse.Namespace, job: str) -> list[str]:
         argv.append("--tiny")
     if args.compile_cache:
         argv += ["--compile-cache", args.compile_cache]
+    if args.fuse:
+        argv.append("--fuse")
     return argv
 
 

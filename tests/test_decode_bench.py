@@ -134,3 +134,21 @@ def test_subprocess_mode_collects_child_results(tmp_path):
     assert all(r["step_us"] > 0 and r["tokens_per_s"] > 0 for r in results["rows"])
     assert results["meta"]["separate_processes"]
     assert results["meta"]["platform"] == "cpu"  # read from the child, not the parent's backend
+
+
+def test_child_processes_get_every_option():
+    """Each variant runs in its own interpreter: options that change what is timed must reach it."""
+    args = db.parse_args(
+        ["--tiny", "--layers", "1", "--batches", "1", "4", "--fuse", "--compile-cache", "/tmp/c"]
+    )
+    child = db.parse_args(db.child_argv(args, "p2_4b")[2:])
+    for name in ("fuse", "tiny", "layers", "batches", "ctx", "cache_len", "reps", "repeats"):
+        assert getattr(child, name) == getattr(args, name), name
+    assert child.compile_cache == "/tmp/c" and child.one == "p2_4b"
+    assert not db.parse_args(db.child_argv(db.parse_args(["--tiny"]), "bf16")[2:]).fuse
+
+
+def test_fused_variant_rows_say_so():
+    args = db.parse_args(["--tiny", "--layers", "1", "--batches", "1", "--fuse", "--reps", "2"])
+    rows = list(db.run_variant(args, "p2_4b"))
+    assert rows and all(r["fused_projections"] for r in rows)
