@@ -20,6 +20,9 @@ CPU smoke run on the embedded tiny model:
       --seqlen 256 --windows 2 --calib-samples 4 --calib-seqlen 128 --sweeps 2 \
       --hadamard-size 64 --out /tmp/dw
 
+Quantization time only (no perplexity; rows carry "ppl": null, "dppl": null, "eval_s": null):
+  add --no-eval (then only the calibration text is read).
+
 Prints one line per contender while running, then the table (last), and writes
 OUT/datawise.json, merged with the rows of earlier runs into the same OUT (so a time-limited
 machine can run one --budgets value per call); --fresh starts over.
@@ -180,6 +183,12 @@ def main(argv=None):
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--precision", default="highest")
     ap.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="skip the fp evaluation and every contender's perplexity (quantization time, bits "
+        "and Hessian errors only; rows carry null ppl/dppl/eval_s)",
+    )
+    ap.add_argument(
         "--fresh",
         action="store_true",
         help="ignore rows of an earlier run in OUT/datawise.json (default: merge)",
@@ -191,9 +200,14 @@ def main(argv=None):
     from higgs_jax.evaluate import perplexity, tokenize_text
     from higgs_jax.tokenizer import load_tokenizer
 
-    if (args.eval_text is None or args.calib_text is None) and args.text_dir is None:
-        ap.error("--text-dir is needed unless both --eval-text and --calib-text are given")
-    eval_path = Path(args.eval_text or Path(args.text_dir) / "wikitext2_test.txt")
+    evaluate = not args.no_eval
+    if args.calib_text is None and args.text_dir is None:
+        ap.error("--text-dir is needed unless --calib-text is given")
+    if evaluate and args.eval_text is None and args.text_dir is None:
+        ap.error("--text-dir is needed unless --eval-text is given (or --no-eval)")
+    eval_path = (
+        Path(args.eval_text or Path(args.text_dir) / "wikitext2_test.txt") if evaluate else None
+    )
     calib_path = Path(args.calib_text or Path(args.text_dir) / "wikitext2_valid_tokenized.txt")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +221,7 @@ def main(argv=None):
     params, config = load_checkpoint(args.model)
     mpath = Path(args.model)
     tok = load_tokenizer(mpath.parent if mpath.is_file() else mpath, config)
-    test_tokens = tokenize_text(tok, eval_path.read_text())
+    test_tokens = tokenize_text(tok, eval_path.read_text()) if evaluate else []
     calib_tokens = tokenize_text(tok, calib_path.read_text())
     seqlen = min(args.seqlen, config.max_position_embeddings)
     calib_seqlen = min(args.calib_seqlen, config.max_position_embeddings)
@@ -224,7 +238,8 @@ def main(argv=None):
         "share_inputs": not args.no_share_inputs,
         "sweeps": args.sweeps,
         "outlier_iters": args.outlier_iters,
-        "eval_text": str(eval_path),
+        "evaluated": evaluate,
+        "eval_text": str(eval_path) if evaluate else None,
         "calib_text": str(calib_path),
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv),
@@ -245,9 +260,13 @@ def main(argv=None):
             progress=False,
         ).ppl
 
-    t1 = time.perf_counter()
-    fp_ppl = ppl(params)
-    log(f"fp PPL {fp_ppl:.4f} ({time.perf_counter() - t1:.1f}s incl. compile)")
+    if evaluate:
+        t1 = time.perf_counter()
+        fp_ppl = ppl(params)
+        log(f"fp PPL {fp_ppl:.4f} ({time.perf_counter() - t1:.1f}s incl. compile)")
+    else:
+        fp_ppl = None
+        log("--no-eval: no perplexities (fp or quantized)")
     rows = [
         {
             "budget": "fp",
@@ -256,7 +275,7 @@ def main(argv=None):
             "spec": "",
             "bits": 32.0,
             "ppl": fp_ppl,
-            "dppl": 0.0,
+            "dppl": 0.0 if evaluate else None,
             "quant_s": 0.0,
         }
     ]
@@ -307,9 +326,12 @@ def main(argv=None):
             q, rep = quantize_params(params, rules, key=jax.random.key(0))
         jax.block_until_ready(jax.tree_util.tree_leaves(q))
         tq = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        p = ppl(dequantize_params(q))
-        t_eval = time.perf_counter() - t2
+        if evaluate:
+            t2 = time.perf_counter()
+            p = ppl(dequantize_params(q))
+            t_eval = time.perf_counter() - t2
+        else:
+            p = t_eval = None
         row = {
             "budget": c.budget,
             "family": c.family,
@@ -317,7 +339,7 @@ def main(argv=None):
             "spec": c.spec.describe(),
             "bits": rep.quantized_bits_per_weight,
             "ppl": p,
-            "dppl": p - fp_ppl,
+            "dppl": None if p is None else p - fp_ppl,
             "quant_s": tq,
             "eval_s": t_eval,
             "model_mb": rep.total_megabytes,
@@ -344,10 +366,10 @@ def main(argv=None):
             f"{row['sum_hessian_error_datafree']:.4f}->{row['sum_hessian_error']:.4f}"
             if dw
             else ""
-        ) + f" eval {t_eval:.1f}s"
+        ) + ("" if t_eval is None else f" eval {t_eval:.1f}s")
         log(
-            f"  [{c.budget:>4s}] {c.name:28s} bits {row['bits']:6.3f} PPL {p:9.4f} "
-            f"dPPL {p - fp_ppl:+8.4f} quant {tq:7.1f}s{extra}"
+            f"  [{c.budget:>4s}] {c.name:28s} bits {row['bits']:6.3f} PPL {_num(p, '9.4f')} "
+            f"dPPL {_num(row['dppl'], '+8.4f')} quant {tq:7.1f}s{extra}"
         )
         save()
 
@@ -363,16 +385,26 @@ def main(argv=None):
     for r in payload["rows"]:
         he = f"{r['sum_hessian_error']:10.4f}" if "sum_hessian_error" in r else f"{'':10s}"
         log(
-            f"{r['budget']:>6s} {r['method']:30s} {r['bits']:7.3f} {r['ppl']:9.4f} {r['dppl']:+9.4f} "
-            f"{r['quant_s']:8.1f} {he}"
+            f"{r['budget']:>6s} {r['method']:30s} {r['bits']:7.3f} {_num(r.get('ppl'), '9.4f')} "
+            f"{_num(r.get('dppl'), '+9.4f')} {r['quant_s']:8.1f} {he}"
         )
 
 
+def _num(x, fmt: str) -> str:
+    """`x` formatted with `fmt`, or "-" right-aligned to the same width when it is None."""
+    if x is None:
+        width = int("".join(ch for ch in fmt.split(".")[0] if ch.isdigit()) or 0)
+        return f"{'-':>{width}s}"
+    return format(x, fmt)
+
+
 def _verdicts(rows, budgets):
-    """Per budget: is higgs-jax's best dPPL below every NF4/RTN row with >= its bits? QuantEase <= GPTQ?"""
+    """Per budget: is higgs-jax's best dPPL below every NF4/RTN row with >= its bits? QuantEase <= GPTQ?
+
+    Rows without a perplexity (--no-eval) take no part; a budget with none is skipped."""
     out = []
     for b in budgets:
-        rs = [r for r in rows if r["budget"] == b]
+        rs = [r for r in rows if r["budget"] == b and r.get("dppl") is not None]
         ours = [
             r for r in rs if r["family"] in ("higgs", "gptq", "quantease", "quantease_outliers")
         ]

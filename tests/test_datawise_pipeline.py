@@ -687,3 +687,63 @@ def test_benchmark_script_runs_on_tiny_model(tmp_path, capsys, monkeypatch):
     assert res["verdicts"] and res["verdicts"][0]["budget"] == "3"
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.split()[1] == "QuantEase"  # the table is printed last
+
+
+def test_benchmark_script_no_eval_times_quantization_only(tmp_path, capsys, monkeypatch):
+    """--no-eval: data-aware rows keep bits, quantization/calibration/solve times and H-errors,
+    with null perplexities; no verdict (no PPLs) and "-" in the printed table."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from higgs_jax.quickstart import default_model_dir, default_text_file
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2_datawise.py"
+    spec = importlib.util.spec_from_file_location("smollm2_datawise", script)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "smollm2_datawise", mod)  # dataclasses look themselves up
+    spec.loader.exec_module(mod)
+    mod.main(
+        [
+            "--model",
+            str(default_model_dir()),
+            "--calib-text",
+            str(default_text_file()),
+            "--no-eval",
+            "--windows",
+            "1",
+            "--seqlen",
+            "64",
+            "--calib-samples",
+            "2",
+            "--calib-seqlen",
+            "64",
+            "--sweeps",
+            "1",
+            "--outlier-iters",
+            "1",
+            "--hadamard-size",
+            "64",
+            "--budgets",
+            "4",
+            "--families",
+            "gptq,quantease",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    res = json.loads((tmp_path / "datawise.json").read_text())
+    rows = [r for r in res["rows"] if r["budget"] == "4"]
+    assert {r["family"] for r in rows} == {"gptq", "quantease"}
+    assert all(r["ppl"] is None and r["dppl"] is None and r["eval_s"] is None for r in rows)
+    assert all(r["quant_s"] > 0 and r["calib_s"] > 0 and r["solve_s"] > 0 for r in rows)
+    assert all(0 < r["bits"] < 5 for r in rows)
+    assert all(
+        0 < r[k] < math.inf
+        for r in rows
+        for k in ("sum_hessian_error", "sum_hessian_error_datafree")
+    )
+    assert res["rows"][0]["ppl"] is None and res["env"]["evaluated"] is False
+    assert res["verdicts"] == []
+    last = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert last[1] == "QuantEase" and last[-4:-2] == ["-", "-"]  # PPL, dPPL printed as "-"
