@@ -17,7 +17,8 @@ identical random signs (the rotation of the shared input must be the same); outl
 (column indices shifted). Plain arrays fuse with plain arrays of the same dtype. A group that
 cannot be fused is left as it is and reported with the reason (e.g. dynamic bit allocation gave
 q and k different grids). Fusion is for inference: quantization, calibration and checkpoints
-use the unfused names.
+use the unfused names. `prepare_for_inference` combines it with the one-time repack into the
+GPU kernel's layout.
 """
 
 from __future__ import annotations
@@ -189,3 +190,54 @@ def fuse_projections(
             block[sub] = mod
         out[b] = block
     return out, report
+
+
+def prepare_for_inference(
+    params: Mapping[str, Any], *, fuse: bool = True, kernel_layout: bool | str = "auto"
+) -> tuple[dict, list[dict]]:
+    """Load-time preparation of quantized Llama params for decoding.
+
+    1. ``kernel_layout``: repack every `HiggsTensor` once into the Pallas kernel layout
+       (`pallas_kernels.higgs_matmul.repack`; free for 2/4/8-bit codes, a bit shuffle for 3/6).
+       "auto" does it only on an NVIDIA GPU where the kernel runs; True forces it (the model then
+       needs the kernel: NVIDIA GPU); False keeps `HiggsTensor` leaves (XLA path anywhere).
+    2. ``fuse``: `fuse_projections` (one matmul per shared input).
+
+    Returns:
+      (params, fusion report); the report is empty when ``fuse`` is False.
+
+    Raises:
+      ValueError: ``kernel_layout`` is not True/False/"auto", or True without `pallas_kernels`.
+    """
+    if kernel_layout not in (True, False, "auto"):
+        raise ValueError(f"kernel_layout must be True, False or 'auto', got {kernel_layout!r}")
+    out: Any = params
+    if kernel_layout:
+        try:
+            from pallas_kernels import _compat
+            from pallas_kernels.higgs_matmul import repack
+        except ImportError as e:
+            if kernel_layout is True:
+                raise ValueError(f"kernel_layout=True needs pallas_kernels: {e}") from e
+            repack = None
+        cc = None if repack is None else _compat.gpu_compute_capability()
+        on_gpu = cc is not None and cc >= _compat.MIN_COMPUTE_CAPABILITY
+        if repack is not None and (kernel_layout is True or on_gpu):
+            from higgs_jax.qtensor import HiggsTensor
+            from pallas_kernels.higgs_matmul.repack import SUPPORTED
+
+            rp = jax.jit(repack)
+
+            def kernel_ready(x) -> bool:  # what the kernel runs; the rest stays on the XLA path
+                p, n = x.grid.p, x.grid.n
+                return x.contraction_axis == 0 and (p, n) in SUPPORTED and x.group_size % (32 * p) == 0
+
+            out = jax.tree_util.tree_map(
+                lambda x: rp(x) if isinstance(x, HiggsTensor) and kernel_ready(x) else x,
+                out,
+                is_leaf=lambda x: isinstance(x, HiggsTensor),
+            )
+    report: list[dict] = []
+    if fuse:
+        out, report = fuse_projections(out)
+    return dict(out), report

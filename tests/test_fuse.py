@@ -163,3 +163,37 @@ def test_kernel_packed_weights_fuse_to_the_repacked_concatenation():
     np.testing.assert_allclose(
         np.asarray(y), np.concatenate([np.asarray(p) for p in parts], axis=1), rtol=1e-5, atol=1e-5
     )
+
+
+def test_prepare_for_inference():
+    from pallas_kernels.higgs_matmul import KernelPackedWeight
+
+    from higgs_jax.fuse import prepare_for_inference
+    from higgs_jax.qtensor import HiggsTensor
+
+    params = random_params(SMALL, jax.random.key(8))
+    rules = (
+        (r"layers_0/mlp/down_proj/kernel$", HiggsConfig(bits=2, p=4, hadamard_size=32)),
+        *default_rules(HiggsConfig(bits=4, p=2, hadamard_size=64)),  # g = 64: kernel-ready
+    )
+    q, _ = quantize_params(params, rules)
+    # CPU, "auto": no repack, only fusion
+    prep, report = prepare_for_inference(q)
+    assert all(r["fused"] for r in report)
+    assert isinstance(prep["layers_0"]["attn"]["qkv_proj"]["kernel"], HiggsTensor)
+    tok = _tokens(SMALL, 4)
+    np.testing.assert_allclose(
+        np.asarray(fwd(prep, tok, SMALL)[0]), np.asarray(fwd(q, tok, SMALL)[0]), rtol=1e-4, atol=1e-4
+    )
+    # forced kernel layout: supported grids repacked (then fused), p=4 left as a HiggsTensor
+    prep, _ = prepare_for_inference(q, kernel_layout=True)
+    assert isinstance(prep["layers_0"]["attn"]["qkv_proj"]["kernel"], KernelPackedWeight)
+    assert isinstance(prep["layers_0"]["mlp"]["down_proj"]["kernel"], HiggsTensor)
+    assert isinstance(prep["layers_1"]["attn"]["o_proj"]["kernel"], KernelPackedWeight)
+    # K = 96 gets h = g = 48, not a multiple of 32 p = 64: the kernel can't take it, XLA path
+    down = prep["layers_1"]["mlp"]["down_proj"]["kernel"]
+    assert isinstance(down, HiggsTensor) and down.group_size == 48
+    unfused, report = prepare_for_inference(q, fuse=False, kernel_layout=False)
+    assert report == [] and "q_proj" in unfused["layers_0"]["attn"]
+    with pytest.raises(ValueError, match="kernel_layout must be"):
+        prepare_for_inference(q, kernel_layout="yes")
