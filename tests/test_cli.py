@@ -36,7 +36,13 @@ def test_quantize_eval_generate_on_embedded_model(tmp_path, capsys):
     rc = cli.main(["generate", "--model", str(out), "--prompt", "Once upon a time",
                    "--max-new-tokens", "8"])
     assert rc == 0
-    assert capsys.readouterr().out.startswith("Once upon a time")
+    fused_text = capsys.readouterr().out
+    assert fused_text.startswith("Once upon a time")
+    # fused q/k/v + gate/up (the default) is the same function: same greedy continuation
+    rc = cli.main(["generate", "--model", str(out), "--prompt", "Once upon a time",
+                   "--max-new-tokens", "8", "--no-fuse"])
+    assert rc == 0
+    assert capsys.readouterr().out == fused_text
 
 
 def test_quantize_flax_safetensors_params(tmp_path):
