@@ -183,6 +183,11 @@ def main(argv=None):
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--precision", default="highest")
     ap.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bars over calibration and layers (long CPU runs print nothing otherwise)",
+    )
+    ap.add_argument(
         "--no-eval",
         action="store_true",
         help="skip the fp evaluation and every contender's perplexity (quantization time, bits "
@@ -321,6 +326,7 @@ def main(argv=None):
                 batch_size=args.calib_batch,
                 calib_source=str(calib_path),
                 share_inputs=not args.no_share_inputs,
+                progress=args.progress,
             )
         else:
             q, rep = quantize_params(params, rules, key=jax.random.key(0))
