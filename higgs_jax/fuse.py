@@ -224,16 +224,12 @@ def prepare_for_inference(
         on_gpu = cc is not None and cc >= _compat.MIN_COMPUTE_CAPABILITY
         if repack is not None and (kernel_layout is True or on_gpu):
             from higgs_jax.qtensor import HiggsTensor
-            from pallas_kernels.higgs_matmul.repack import SUPPORTED
+            from pallas_kernels.higgs_matmul.wrapper import weight_problems
 
             rp = jax.jit(repack)
-
-            def kernel_ready(x) -> bool:  # what the kernel runs; the rest stays on the XLA path
-                p, n = x.grid.p, x.grid.n
-                return x.contraction_axis == 0 and (p, n) in SUPPORTED and x.group_size % (32 * p) == 0
-
             out = jax.tree_util.tree_map(
-                lambda x: rp(x) if isinstance(x, HiggsTensor) and kernel_ready(x) else x,
+                # what the kernel runs is repacked; the rest stays on the XLA path
+                lambda x: rp(x) if isinstance(x, HiggsTensor) and not weight_problems(x) else x,
                 out,
                 is_leaf=lambda x: isinstance(x, HiggsTensor),
             )

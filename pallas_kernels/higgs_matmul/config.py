@@ -100,6 +100,15 @@ def _next_pow2(v: int) -> int:
 TARGET_PROGRAMS = 528
 
 
+def split_k_for(steps_total: int, n_blocks: int, target: int = TARGET_PROGRAMS) -> int:
+    """Power-of-two split-K: double while each program keeps >= 1 loop step and the grid
+    (n_blocks output tiles x split) is below `target` programs."""
+    split = 1
+    while split * 2 <= steps_total and n_blocks * split < target:
+        split *= 2
+    return split
+
+
 def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
     """Heuristic config for an (m, k) x (k, n) product with a p-dim grid of `bits` bits/weight."""
     codes = -(-k // p)  # ceil(k / p) codes per column
@@ -125,9 +134,7 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
     n_blocks = -(-n // block_n) * (-(-m // block_m) if path == "dot" else 1)
     # 2-bit codes: twice the programs (measured: split 8 vs 4 at 8192x28672, M=1: 62 vs 69 us).
     target = TARGET_PROGRAMS * (2 if code_bits == 2 and path != "dot" else 1)
-    split = 1
-    while split * 2 <= steps_total and n_blocks * split < target:
-        split *= 2
+    split = split_k_for(steps_total, n_blocks, target)
     return Config(
         block_n=block_n,
         block_k=bku * 32 * p,
@@ -161,9 +168,7 @@ def wide_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
     bku = min(4 if p == 1 else 2, _next_pow2(units))
     steps_total = -(-units // bku)
     n_blocks = -(-n // block_n) * -(-m // block_m)
-    split = 1
-    while split * 2 <= steps_total and n_blocks * split < TARGET_PROGRAMS:
-        split *= 2
+    split = split_k_for(steps_total, n_blocks, TARGET_PROGRAMS)
     return Config(
         block_n=block_n,
         block_k=bku * 32 * p,

@@ -35,10 +35,11 @@ def _is_weight(w) -> bool:
     return isinstance(w, KernelPackedWeight) or type(w).__name__ == "HiggsTensor"
 
 
-def _problems(x, w, *, check_backend: bool) -> list[str]:
-    out = []
+def weight_problems(w) -> list[str]:
+    """Why the kernel cannot take this weight (empty list: it can), whatever the activations."""
     if not _is_weight(w):
         return [f"w must be a HiggsTensor or KernelPackedWeight, got {type(w).__name__}"]
+    out = []
     if getattr(w, "contraction_axis", 0) != 0:
         out.append(f"weight of shape {w.shape} is quantized along axis 1; need a (K, N) kernel")
     p, n = (w.p, w.n)
@@ -48,6 +49,13 @@ def _problems(x, w, *, check_backend: bool) -> list[str]:
         )
     elif w.group_size % (32 * p):
         out.append(f"group_size={w.group_size} must be a multiple of 32*p={32 * p}")
+    return out
+
+
+def _problems(x, w, *, check_backend: bool) -> list[str]:
+    out = weight_problems(w)
+    if not _is_weight(w):
+        return out
     k = w.shape[getattr(w, "contraction_axis", 0)]
     if not hasattr(x, "shape") or x.ndim < 1:
         return out + [f"x must be an array of shape (..., K), got {type(x).__name__}"]
