@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.kernel_bench import random_weight
 from pallas_kernels.higgs_matmul import default_config
-from pallas_kernels.higgs_matmul.config import TARGET_PROGRAMS, wide_config
+from pallas_kernels.higgs_matmul.config import split_k_for, wide_config
 from pallas_kernels.higgs_matmul import wrapper as _wrapper
 
 METRICS = (
@@ -47,6 +47,7 @@ METRICS = (
     "l1tex__t_sectors_pipe_lsu_mem_local_op_ld.sum",
 )
 
+PROFILE_PATHS = ("gemv", "fma", "fma_tiles", "dot", "wide")
 GRIDS = {"p1_2b": (1, 4), "p1_3b": (1, 8), "p1_4b": (1, 16), "p2_2b": (2, 16), "p2_3b": (2, 64), "p2_4b": (2, 256)}
 
 
@@ -81,10 +82,7 @@ def variants(
             dec = "gather_pair" if (p == 2 or cb in (2, 4)) else "gather"
             for bku in (2, 4, 8, 16):
                 for bn in (32, 64, 128):
-                    steps_total = -(-units // bku)
-                    split = 1
-                    while split * 2 <= steps_total and -(-n // bn) * split < TARGET_PROGRAMS:
-                        split *= 2
+                    split = split_k_for(-(-units // bku), -(-n // bn))
                     cfgs.append(
                         dataclasses.replace(
                             base, path="fma", decode=dec, block_k=bku * 32 * p, block_n=bn,
@@ -220,6 +218,9 @@ def main(argv=None) -> int:
         "--paths", default="gemv,fma", help="kernel paths to sweep: gemv, fma, fma_tiles (M <= 8 tiling sweep), dot, wide"
     )
     args = ap.parse_args(argv)
+    bad = [t for t in args.paths.split(",") if t not in PROFILE_PATHS]
+    if bad:
+        ap.error(f"--paths: unknown entries {bad} in {args.paths!r}; choose from {PROFILE_PATHS}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.join:

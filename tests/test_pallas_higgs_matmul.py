@@ -687,3 +687,12 @@ def test_higgs_tensor_matches_xla_path(p, bits):
     cfg = Config(block_n=16, block_k=64 * p, split_k=2, decode="gather")
     y = higgs_matmul_pallas(x, qt, config=cfg, interpret=not _on_gpu())
     assert rel_err(y, higgs_matmul_xla(x, qt)) < 1e-5
+
+
+def test_kernel_profile_rejects_unknown_paths(capsys):
+    from benchmarks import kernel_profile
+
+    with pytest.raises(SystemExit) as e:
+        kernel_profile.main(["--out", "/tmp/kp_bad", "--paths", "wide,bogus"])
+    assert e.value.code == 2
+    assert "unknown entries ['bogus']" in capsys.readouterr().err
