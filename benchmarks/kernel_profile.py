@@ -131,10 +131,15 @@ def run_variants(vs: list[dict], interpret: bool) -> None:
             weights[wk] = random_weight(key, v["k"], v["cols"], v["p"], v["n"])
         kw = weights[wk]
         cfg = Config.from_dict({f.name: v[f.name] for f in dataclasses.fields(Config)})
-        x = jax.random.normal(jax.random.key(i), (v["m"], kw.k_pad), jnp.float32)
+        x = jax.random.normal(jax.random.key(i), (v["m"], kw.K), jnp.bfloat16)
         t0 = time.perf_counter()
         try:
-            fn = jax.jit(lambda a, w, c=cfg, m=v["m"]: _wrapper._launch(a, w, c, m, jnp.bfloat16, interpret))
+            x, xblk = _wrapper.prepare_activations(x, kw, cfg, v["m"], jnp.bfloat16)
+            fn = jax.jit(
+                lambda a, w, c=cfg, m=v["m"], xb=xblk: _wrapper.launch_kernel(
+                    a, xb, w, c, m, jnp.bfloat16, interpret
+                )
+            )
             fn(x, kw).block_until_ready()
             v["ok"] = True
         except Exception as e:  # noqa: BLE001 - a variant that fails to compile is reported

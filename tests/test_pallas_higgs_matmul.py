@@ -340,6 +340,96 @@ def test_rotation_signs_and_outliers():
     assert rel_err(y, higgs_matmul_reference(x, w)) < 1e-5
 
 
+def _with_signs(w, seed=1):
+    rng = np.random.default_rng(seed)
+    return dataclasses.replace(w, signs=jnp.asarray(rng.choice([-1, 1], w.k_pad), jnp.int8))
+
+
+def _natural_order(xk, p):
+    """Blocked kernel operand (rows, NB, p, 32, XB) -> (rows, NB * XB * 32 * p) natural order."""
+    rows, nb, _, _, xb = xk.shape
+    return np.asarray(xk, np.float64).transpose(0, 1, 4, 3, 2).reshape(rows, nb * xb * 32 * p)
+
+
+@pytest.mark.parametrize("h,p", [(64, 1), (128, 2), (512, 2), (96, 1), (384, 2)])
+def test_rotation_matrix_is_the_permuted_block_hadamard(h, p):
+    pytest.importorskip("higgs_jax.hadamard")
+    from higgs_jax import hadamard
+    from pallas_kernels.higgs_matmul.wrapper import rotation_matrix
+
+    q = rotation_matrix(h, p)
+    assert q.shape == (h, h) and set(np.unique(q)) == {-1.0, 1.0}
+    np.testing.assert_array_equal(q.T @ q, h * np.eye(h))  # orthogonal up to sqrt(h)
+    x = np.random.default_rng(h).normal(size=(3, h)).astype(np.float32)
+    want = np.asarray(hadamard.block_hadamard(jnp.asarray(x), h, axis=-1, normalize=False))
+    got = (x.astype(np.float64) @ q).reshape(3, p, 32, h // (32 * p))
+    got = got.transpose(0, 3, 2, 1).reshape(3, h)  # (d, c, u) columns -> row (32 u + c) p + d
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="hadamard_size=48"):
+        rotation_matrix(48, 1)
+
+
+@pytest.mark.parametrize(
+    "p,n,h,bku,k,dtype,by_matmul",
+    [
+        (1, 16, 128, 2, 200, jnp.bfloat16, True),  # XB = 4 >= BKU: one block per tile
+        (1, 16, 64, 4, 130, jnp.float32, True),  # XB = 2 < BKU: a tile spans 2 blocks
+        (2, 256, 512, 16, 1000, jnp.float16, True),  # the 8B decode layout (XB = 8, BKU = 16)
+        (1, 16, 96, 1, 100, jnp.bfloat16, True),  # Paley h = 8 * 12: XB = 3 (not a power of two)
+        (1, 16, 96, 2, 100, jnp.bfloat16, False),  # XB = 3 vs BKU = 2: FWHT + transpose, XB = BKU
+        (1, 16, 1, 2, 70, jnp.float32, False),  # no rotation
+    ],
+)
+def test_kernel_activations_both_routes(p, n, h, bku, k, dtype, by_matmul):
+    """The kernel operand is x_rot (pad, signs, normalized block Hadamard) in the blocked order."""
+    from pallas_kernels.higgs_matmul.wrapper import (
+        activation_block,
+        kernel_activations,
+        rotate_activations,
+    )
+
+    w = make_weight(k, 16, p, n, g=32 * p * (2 if h == 1 else 1), h=h, seed=5)
+    w = _with_signs(w)
+    assert activation_block(w, bku)[1] is by_matmul
+    m, rows = 3, 4
+    units_x = -(-w.units // bku) * bku + bku  # one extra (zero) tile, as split-K padding makes
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(m, k)), dtype)
+    xk, xb = kernel_activations(x, w, rows=rows, units_x=units_x, bku=bku, dtype=jnp.float32)
+    assert xk.shape[:4] == (rows, xk.shape[1], p, 32) and xk.shape[4] == xb
+    assert xk.shape[1] * xb >= units_x
+    got = _natural_order(xk, p)
+    want = np.zeros_like(got)
+    want[:m, : w.k_pad] = np.asarray(rotate_activations(x.astype(jnp.float32), w))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "p,n,path,m,dtype,h,bku",
+    [
+        (1, 16, "fma", 1, jnp.bfloat16, 128, 2),
+        (1, 4, "fma", 3, jnp.float32, 64, 4),
+        (2, 256, "fma", 2, jnp.bfloat16, 128, 4),
+        (2, 16, "dot", 20, jnp.bfloat16, 256, 2),
+        (2, 64, "dot", 17, jnp.float16, 128, 4),
+        (1, 16, "gemv", 1, jnp.float16, 128, 2),
+        (1, 8, "fma", 2, jnp.bfloat16, 96, 1),
+        (1, 8, "fma", 2, jnp.bfloat16, 96, 2),
+    ],
+)
+def test_rotated_weights_match_reference(p, n, path, m, dtype, h, bku):
+    """Kernel with a real rotation (random signs, odd K) through both activation routes."""
+    pytest.importorskip("higgs_jax.hadamard")
+    k = 3 * h - 5
+    w = _with_signs(make_weight(k, 40, p, n, g=32 * p, h=h, seed=h + bku))
+    cfg = dataclasses.replace(_cfg(path, p), block_k=32 * p * bku)
+    x = jnp.asarray(np.random.default_rng(m).normal(size=(m, k)), dtype)
+    y = higgs_matmul_pallas(x, w, config=cfg, interpret=not _on_gpu())
+    r = higgs_matmul_reference(x.astype(jnp.float32), w)
+    assert y.shape == (m, 40) and y.dtype == dtype
+    tol = max(TOL[path][dtype], 1e-2)
+    assert rel_err(y, r) < tol, rel_err(y, r)
+
+
 def test_fallback_fwht_is_sylvester():
     from pallas_kernels.higgs_matmul.wrapper import _block_fwht
 

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels.higgs_matmul.kernel import tile_mask_and_scales
+from pallas_kernels.higgs_matmul.kernel import tile_mask_and_scales, x_plane
 
 #: Code widths whose codes never straddle a byte.
 BYTE_CODE_BITS = (2, 4, 8)
@@ -66,7 +66,7 @@ def byte_lut(grid_values, p: int, cb: int) -> np.ndarray:
 
 
 def higgs_gemv_kernel(
-    x_ref,  # (Mp, p, 32, U_x) f32: permuted rotated activations (as kernel.py)
+    x_ref,  # (Mp, NB, p, 32, XB) f32: blocked rotated activations (kernel.x_plane)
     w_ref,  # (U, cb, N) uint32 kernel-layout codes
     s_ref,  # (G, N) scales
     lut_ref,  # (W/2 * 256,) uint32 bf16-pair tables
@@ -85,6 +85,7 @@ def higgs_gemv_kernel(
     m_rows: int,
     mask_rows: bool,
     mask_cols: bool,
+    xblk: int,
     interpret: bool,
     lookup: str = "byte",
     volatile: bool = False,
@@ -135,7 +136,7 @@ def higgs_gemv_kernel(
 
         def xv(m, d, c):
             if (m, d, c) not in xcache:
-                xs = x_ref[m, d, c, pl.ds(u0, bku)].astype(jnp.float32)
+                xs = x_plane(x_ref, m, d, c, u0, bku=bku, xblk=xblk).astype(jnp.float32)
                 xcache[(m, d, c)] = jnp.broadcast_to(xs[:, None], (bku, bn))
             return xcache[(m, d, c)]
 

@@ -14,8 +14,8 @@ grid values without a memory lookup where possible, and multiplies with the matc
 activations (permuted in the wrapper, so every slice the kernel reads is contiguous).
 
 Three paths:
-- "fma" (M <= 8): plane by plane; activations x[m, d, c, u] = x_rot[m, (32 u + c) p + d];
-  CUDA-core multiply-adds into per-row accumulators of shape (BKU, BN); the scale multiplies once
+- "fma" (M <= 8): plane by plane; activations in the blocked layout x[m, b, d, c, u] =
+  x_rot[m, (32 (b XB + u) + c) p + d] (`x_plane`; XB units per block); CUDA-core multiply-adds into per-row accumulators of shape (BKU, BN); the scale multiplies once
   per (tile, row) rather than per weight; reduced over rows at the end.
 - "dot": plane by plane (same activation layout); the decoded, scaled plane (BKU, BN) is cast to
   the activation dtype and fed to a tensor-core dot with the (BM, BKU) activation plane (32 p
@@ -127,6 +127,25 @@ def decode_codes(code, lut_ref, *, decode: str, cb: int, p: int, grid_values, co
     raise ValueError(f"unknown decode {decode!r}")
 
 
+# ------------------------------------------------------------------------------------ activations
+def x_plane(x_ref, rows, d: int, c: int, u0, *, bku: int, xblk: int):
+    """Activations of plane c, coordinate d for the tile of units [u0, u0 + BKU).
+
+    ``x_ref`` is in the blocked layout (Mp, NB, p, 32, XB): entry [m, b, d, c, u] is the rotated
+    activation of weight row (32 (b XB + u) + c) p + d, so a block of XB units holds, per
+    (coordinate, plane), XB contiguous values (XB = units per Hadamard block when the wrapper
+    rotates with a matmul, see `wrapper.kernel_activations`). ``rows`` selects x rows (an int or
+    a `pl.ds`). Returns (BKU,) for an int ``rows``, else (len(rows), BKU).
+    """
+    if bku <= xblk:  # xblk is a multiple of BKU: the tile sits inside one block
+        b = u0 // xblk
+        off = u0 - b * xblk
+        return x_ref[rows, b, d, c, pl.ds(off, bku)]
+    r = bku // xblk  # the tile spans r whole blocks
+    v = x_ref[rows, pl.ds(u0 // xblk, r), d, c, :]
+    return v.reshape(v.shape[:-2] + (bku,))
+
+
 # ------------------------------------------------------------------------------------ tiles
 def tile_mask_and_scales(
     s_ref,
@@ -231,7 +250,7 @@ def _wide_tile_dot(
 
 
 def higgs_matmul_kernel(
-    x_ref,  # (Mp, p, 32, U_x) f32 (fma) / activation dtype (dot), or (Mp, p q, 32 U_x / q) (wide)
+    x_ref,  # (Mp, NB, p, 32, XB) f32 (fma) / activation dtype (dot), or (Mp, p q, 32 U_x / q) (wide)
     w_ref,  # (U, cb, N) uint32: kernel-layout codes
     s_ref,  # (G, N) scales
     lut_ref,  # (L,) f32 / uint32 lookup table (only read by the gather decoders)
@@ -255,6 +274,7 @@ def higgs_matmul_kernel(
     m_rows: int,
     mask_rows: bool,
     mask_cols: bool,
+    xblk: int,
 ):
     j = pl.program_id(0)
     s = pl.program_id(1)
@@ -325,10 +345,10 @@ def higgs_matmul_kernel(
                 for cc, v in ((c, lo), (c + 1, hi)):
                     if path == "fma":
                         for m in range(m_rows):
-                            xs = x_ref[m, 0, cc, pl.ds(u0, bku)].astype(jnp.float32)
+                            xs = x_plane(x_ref, m, 0, cc, u0, bku=bku, xblk=xblk).astype(jnp.float32)
                             partial[m] = partial[m] + xs[:, None] * v
                     else:
-                        xs = x_ref[pl.ds(i * bm, bm), 0, cc, pl.ds(u0, bku)]
+                        xs = x_plane(x_ref, pl.ds(i * bm, bm), 0, cc, u0, bku=bku, xblk=xblk)
                         wv = (v * scl).astype(xs.dtype)
                         acc = acc + jnp.dot(xs, wv, preferred_element_type=jnp.float32)
                 continue
@@ -348,10 +368,10 @@ def higgs_matmul_kernel(
             for d in range(p):
                 if path == "fma":
                     for m in range(m_rows):
-                        xs = x_ref[m, d, c, pl.ds(u0, bku)].astype(jnp.float32)  # (BKU,)
+                        xs = x_plane(x_ref, m, d, c, u0, bku=bku, xblk=xblk).astype(jnp.float32)
                         partial[m] = partial[m] + xs[:, None] * vals[d]
                 else:
-                    xs = x_ref[pl.ds(i * bm, bm), d, c, pl.ds(u0, bku)]  # (BM, BKU)
+                    xs = x_plane(x_ref, pl.ds(i * bm, bm), d, c, u0, bku=bku, xblk=xblk)  # (BM, BKU)
                     wv = (vals[d] * scl).astype(xs.dtype)
                     acc = acc + jnp.dot(xs, wv, preferred_element_type=jnp.float32)
         if path == "fma":

@@ -5,8 +5,10 @@ padded to the Hadamard/group size, N = columns, p = grid dimension, n = grid poi
 h = Hadamard block size, g = scale group size, unit = 32 consecutive codes of a column.
 
 Forward pass (docs/ARCHITECTURE.md): ``y = block_hadamard(pad(x) * signs, h) @ Wrot (+ bias)``.
-The rotation is a separate XLA op (`higgs_jax.hadamard.block_hadamard`, fused by XLA with the
-padding and the activation permutation the kernel wants); the LUT matmul is the Pallas kernel.
+The rotation is a separate XLA op: one small matmul per Hadamard block with a +-1 matrix whose
+columns are already in the kernel's activation order (`kernel_activations`; XLA fuses it with
+the producer of x and the padding), or the butterfly FWHT plus a transpose where that does not
+apply; the LUT matmul is the Pallas kernel.
 """
 
 from __future__ import annotations
@@ -166,16 +168,85 @@ def _lut(decode: str, kw: KernelPackedWeight) -> jax.Array:
     return jnp.asarray(gv.reshape(-1), jnp.float32)
 
 
-def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtype, interpret: bool):
-    """xr: (M, K_pad) f32 rotated activations -> (M, N) f32."""
-    p, cb, N = kw.p, kw.code_bits, kw.N
-    units = kw.units
+#: Largest Hadamard block rotated by a matmul with an explicit (h, h) +-1 matrix; larger blocks
+#: (and layouts where a block is not a whole number of kernel tiles) use the butterfly FWHT.
+MAX_MATMUL_ROTATION_H = 2048
+
+
+@functools.lru_cache(maxsize=None)
+def rotation_matrix(h: int, p: int) -> np.ndarray:
+    """(h, h) float32 with +-1 entries: ``xb @ Q`` = the unnormalized Hadamard of a block ``xb``
+    (the same matrix as `higgs_jax.hadamard.block_hadamard`, Paley factors included), with the
+    output columns in the kernel's blocked order (d, c, u): column ``(d 32 + c) XB + u`` holds
+    rotated coordinate ``(32 u + c) p + d`` (XB = h / (32 p) units per block).
+    """
+    if h % (32 * p):
+        raise ValueError(f"hadamard_size={h} is not a multiple of 32*p={32 * p}")
+    with jax.ensure_compile_time_eval():  # may be first called while tracing
+        eye = jnp.eye(h, dtype=jnp.float32)
+        try:
+            from higgs_jax import hadamard
+        except ImportError:
+            hm = _block_fwht(eye, h) * np.float32(np.sqrt(h))
+        else:
+            hm = hadamard.block_hadamard(eye, h, axis=-1, normalize=False)
+        hm = np.rint(np.asarray(hm, np.float64)).astype(np.float32)  # row j = H e_j
+    xb = h // (32 * p)
+    d, c, u = np.meshgrid(np.arange(p), np.arange(32), np.arange(xb), indexing="ij")
+    return np.ascontiguousarray(hm[:, ((32 * u + c) * p + d).reshape(-1)])
+
+
+def activation_block(kw: KernelPackedWeight, bku: int) -> tuple[int, bool]:
+    """(XB, by_matmul): units per activation block of the kernel layout, and whether the
+    rotation is one matmul per Hadamard block (XB = h / (32 p)) or the FWHT (XB = BKU)."""
+    h, p = kw.hadamard_size, kw.p
+    xb = h // (32 * p) if h > 1 and h % (32 * p) == 0 else 0
+    if xb and h <= MAX_MATMUL_ROTATION_H and (xb % bku == 0 or bku % xb == 0):
+        return xb, True
+    return bku, False
+
+
+def kernel_activations(
+    x2: jax.Array, kw: KernelPackedWeight, *, rows: int, units_x: int, bku: int, dtype
+) -> tuple[jax.Array, int]:
+    """(M, K) activations -> ((rows, NB, p, 32, XB) rotated activations in ``dtype``, XB).
+
+    Entry [m, b, d, c, u] = x_rot[m, (32 (b XB + u) + c) p + d] with x_rot =
+    block_hadamard(pad(x) * signs, h) (normalized), zero beyond K_pad and beyond M (kernel.x_plane
+    reads it). When a Hadamard block is a whole number of kernel activation blocks, the rotation
+    and the permutation are one matmul per block with `rotation_matrix` (+-1 entries, exact in the
+    activation dtype; f32 accumulation), which XLA fuses with the producer of x and the padding:
+    measured on an H100 (benchmarks/rotation_bench.py) 6.1 us vs 11.3-13.3 us for the butterfly
+    FWHT plus transpose at M=1, K=4096/14336. Otherwise: the FWHT and a transpose (XB = BKU).
+    """
+    m, k = x2.shape
+    p, h = kw.p, kw.hadamard_size
+    xb, by_matmul = activation_block(kw, bku)
+    if not by_matmul:
+        xr = rotate_activations(x2, kw)
+        xr = jnp.pad(xr, [(0, rows - m), (0, units_x * 32 * p - xr.shape[1])])
+        xr = xr.reshape(rows, units_x // bku, bku, 32, p).transpose(0, 1, 4, 3, 2)
+        return xr.astype(dtype), xb
+    nb = -(-units_x // xb)
+    x = x2
+    if kw.signs is not None:  # +-1: exact in any float dtype
+        x = x * kw.signs[:k].astype(x.dtype)
+    x = jnp.pad(x, [(0, rows - m), (0, nb * h - k)]).reshape(rows, nb, h)
+    if x.dtype == jnp.float32:
+        q, prec = jnp.asarray(rotation_matrix(h, p)), jax.lax.Precision.HIGHEST
+    else:
+        q, prec = jnp.asarray(rotation_matrix(h, p), x.dtype), None
+    y = jnp.dot(x, q, precision=prec, preferred_element_type=jnp.float32)
+    y = y * np.float32(1.0 / np.sqrt(h))
+    return y.reshape(rows, nb, p, 32, xb).astype(dtype), xb
+
+
+def _plan(kw: KernelPackedWeight, cfg: Config, m: int, out_dtype) -> dict:
+    """Static launch geometry: tiles, split-K, padded sizes, activation dtype."""
+    p, cb = kw.p, kw.code_bits
     bku = cfg.units_per_step(p)
-    split = max(1, min(cfg.split_k, -(-units // bku)))
-    steps = -(-units // (split * bku))
-    ux = split * steps * bku
-    bn = cfg.block_n
-    n_out = -(-N // bn) * bn
+    split = max(1, min(cfg.split_k, -(-kw.units // bku)))
+    steps = -(-kw.units // (split * bku))
     if cfg.path in ("fma", "gemv"):
         if m > MAX_FMA_M:
             raise ValueError(
@@ -190,23 +261,41 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
     else:
         bm = min(cfg.block_m, max(16, _next_pow2(m)))
         mp, xdt = -(-m // bm) * bm, out_dtype if out_dtype != jnp.float32 else jnp.bfloat16
+    return dict(bku=bku, split=split, steps=steps, ux=split * steps * bku, mp=mp, bm=bm, xdt=xdt)
+
+
+def prepare_activations(
+    x2: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtype
+) -> tuple[jax.Array, int]:
+    """(M, K) activations -> (kernel operand, XB) for `launch_kernel` (XB = 0: wide layout)."""
+    g = _plan(kw, cfg, m, out_dtype)
+    p, mp, ux = kw.p, g["mp"], g["ux"]
+    if cfg.path != "wide":
+        return kernel_activations(x2, kw, rows=mp, units_x=ux, bku=g["bku"], dtype=g["xdt"])
+    xr = rotate_activations(x2, kw)
+    xr = jnp.pad(xr, [(0, mp - m), (0, ux * 32 * p - xr.shape[1])])
+    decode, _ = resolve_decode(cfg.decode, kw)
+    # x[m, e, u * 32/q + c] = x_rot[m, (32u/q + c) pq + e]: slot e's activations for a tile of
+    # units are one contiguous (BM, BKU * 32/q) slice in the order the kernel unpacks the codes
+    # (q = 2: p = 1 pair decoding, slot e = code parity; q = 1: slot e = coordinate).
+    q = 2 if (decode == "gather_pair" and p == 1) else 1
+    xp = xr.reshape(mp, ux, 32 // q, p * q).transpose(0, 3, 1, 2)
+    return xp.reshape(mp, p * q, ux * 32 // q).astype(g["xdt"]), 0
+
+
+def launch_kernel(
+    xk: jax.Array, xblk: int, kw: KernelPackedWeight, cfg: Config, m: int, out_dtype, interpret: bool
+) -> jax.Array:
+    """Kernel operand from `prepare_activations` -> (M, N) f32 (split-K partials summed by XLA)."""
+    g = _plan(kw, cfg, m, out_dtype)
+    p, cb, N = kw.p, kw.code_bits, kw.N
+    bku, split, steps, ux, mp, bm = (g[k] for k in ("bku", "split", "steps", "ux", "mp", "bm"))
+    units = kw.units
+    bn = cfg.block_n
+    n_out = -(-N // bn) * bn
     if cfg.path != "gemv" and cfg.decode in ("byte", "code"):
         raise ValueError(f"decode={cfg.decode!r} is for path='gemv', got path={cfg.path!r}")
     decode, coef = resolve_decode(cfg.decode if cfg.path != "gemv" else "auto", kw)
-
-    xr = jnp.pad(xr, [(0, mp - m), (0, ux * 32 * p - xr.shape[1])])
-    if cfg.path == "wide":
-        # x[m, e, u * 32/q + c] = x_rot[m, (32u/q + c) pq + e]: slot e's activations for a tile
-        # of units are one contiguous (BM, BKU * 32/q) slice in the order the kernel unpacks the
-        # codes (q = 2: p = 1 pair decoding, slot e = code parity; q = 1: slot e = coordinate).
-        q = 2 if (decode == "gather_pair" and p == 1) else 1
-        xp = xr.reshape(mp, ux, 32 // q, p * q).transpose(0, 3, 1, 2)
-        xp = xp.reshape(mp, p * q, ux * 32 // q).astype(xdt)
-    else:
-        # Activation permutation x[m, d, c, u] = x_rot[m, (32u + c) p + d]; XLA fuses it with
-        # the rotation, so the kernel reads each code plane's activations as one contiguous slice.
-        xp = xr.reshape(mp, ux, 32, p).transpose(0, 3, 2, 1).astype(xdt)
-
     common = dict(
         p=p,
         cb=cb,
@@ -221,6 +310,7 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
         m_rows=mp,
         mask_rows=ux != units,
         mask_cols=n_out != N,
+        xblk=xblk,
     )
     if cfg.path == "gemv":
         lookup = cfg.decode if cfg.decode in ("byte", "code") else "auto"
@@ -261,8 +351,14 @@ def _launch(xr: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtyp
             else _compat.compiler_params(cfg.num_warps, cfg.num_stages),
             interpret=interpret,
             name=name,
-        )(xp, kw.words, kw.scales, lut)
+        )(xk, kw.words, kw.scales, lut)
     return jnp.sum(partial, axis=0)[:m, :N]
+
+
+def _launch(x2: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtype, interpret: bool):
+    """x2: (M, K) activations (not rotated) -> (M, N) f32."""
+    xk, xblk = prepare_activations(x2, kw, cfg, m, out_dtype)
+    return launch_kernel(xk, xblk, kw, cfg, m, out_dtype, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -272,7 +368,7 @@ def _higgs_matmul(x, w, bias, config, interpret):
     m = int(np.prod(lead)) if lead else 1
     x2 = x.reshape(m, kw.K)
     cfg = config or default_config(m, kw.K, kw.N, kw.p, kw.code_bits / kw.p)
-    y = _launch(rotate_activations(x2, kw), kw, cfg, m, x.dtype, interpret)
+    y = _launch(x2, kw, cfg, m, x.dtype, interpret)
     y = apply_outliers(kw, x2, y)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
