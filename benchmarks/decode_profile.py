@@ -126,7 +126,17 @@ def summarize(kernels: list[dict], steps: int) -> dict:
         c = cats.setdefault(r["category"], {"count_per_step": 0.0, "us_per_step": 0.0})
         c["count_per_step"] += r["count_per_step"]
         c["us_per_step"] += r["us_per_step"]
+    # Idle time before each kernel (gap since the previous kernel ended), by the kernel's
+    # category: where launch gaps sit (e.g. before every Pallas call, or spread evenly).
+    gaps: dict[str, float] = collections.defaultdict(float)
+    cursor = float(kernels[0]["ts"])
+    for e in kernels:
+        s = float(e["ts"])
+        if s > cursor:
+            gaps[category(e["name"])] += s - cursor
+        cursor = max(cursor, s + float(e["dur"]))
     return {
+        "idle_before_us_per_step": {k: v / steps for k, v in sorted(gaps.items(), key=lambda kv: -kv[1])},
         "kernels": len(kernels),
         "kernels_per_step": len(kernels) / steps,
         "span_us_per_step": (end - start) / steps,
@@ -156,7 +166,12 @@ def profile_variant(args: argparse.Namespace, name: str) -> dict:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             tok, cache = loop(params, tok, cache, n)
             jax.block_until_ready(tok)
-        kernels, lines = device_kernels(load_trace(Path(tmp)))
+        events = load_trace(Path(tmp))
+        kernels, lines = device_kernels(events)
+    if args.dump_events:
+        # Raw events of every line (host threads included) for offline reading of the timeline.
+        keep = [e for e in events if e.get("ph") in ("X", "M")][: args.dump_events]
+        (Path(args.out) / f"events_{name}.json").write_text(json.dumps(keep))
     summary = summarize(kernels, args.steps)
     summary.update(variant=name, fused=bool(args.fuse), layers=config.num_layers,
                    batch=args.batch, steps=args.steps, trace_lines=lines)
@@ -178,9 +193,13 @@ def render(rows: list[dict], top: int) -> str:
             f"{r['busy_us_per_step']:.1f} us, idle {r['idle_us_per_step']:.1f} us, "
             f"{r['kernels_per_step']:.1f} kernels"
         )
-        lines += ["", "| category | kernels/step | us/step |", "|---|---|---|"]
+        lines += ["", "| category | kernels/step | us/step | idle before, us/step |", "|---|---|---|---|"]
+        idle = r.get("idle_before_us_per_step", {})
         for c, v in r["categories"].items():
-            lines.append(f"| {c} | {v['count_per_step']:.1f} | {v['us_per_step']:.1f} |")
+            lines.append(
+                f"| {c} | {v['count_per_step']:.1f} | {v['us_per_step']:.1f} | "
+                f"{idle.get(c, 0.0):.1f} |"
+            )
         lines += ["", "| kernel | category | count/step | us/step | mean us |", "|---|---|---|---|---|"]
         for v in r["names"][:top]:
             lines.append(
@@ -203,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up (all variants)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--dump-events", type=int, default=0, help="write the first N raw events")
     args = ap.parse_args(argv)
     for v in args.variants:
         db.variant_spec(v)  # unknown names fail before any work

@@ -409,8 +409,8 @@ def test_kernel_activations_both_routes(p, n, h, bku, k, dtype, by_matmul):
         (1, 16, "fma", 1, jnp.bfloat16, 128, 2),
         (1, 4, "fma", 3, jnp.float32, 64, 4),
         (2, 256, "fma", 2, jnp.bfloat16, 128, 4),
-        (2, 16, "dot", 20, jnp.bfloat16, 256, 2),
-        (2, 64, "dot", 17, jnp.float16, 128, 4),
+        (2, 16, "dot", 20, jnp.bfloat16, 256, 16),  # dot: BKU >= 16 (tensor-core K)
+        (2, 64, "dot", 17, jnp.float16, 1024, 16),
         (1, 16, "gemv", 1, jnp.float16, 128, 2),
         (1, 8, "fma", 2, jnp.bfloat16, 96, 1),
         (1, 8, "fma", 2, jnp.bfloat16, 96, 2),
