@@ -1,0 +1,157 @@
+"""Tiling sweep of the M=1 HIGGS kernel on the decode shapes of a fused Llama-3.1-8B layer (GPU).
+
+For each (K, N) shape and grid, times the full op (`higgs_matmul_pallas`: rotation + kernel +
+split-K sum) for the heuristic `default_config` and a grid of alternatives (block_n, units per
+step, split-K, num_warps), each checked once against the f32 reference, and reports the fastest.
+Device time as in kernel_bench.py: `autotune.time_device` (>= 32 calls per fori_loop iteration,
+cycling through enough weight copies to defeat the 50 MB L2). Results are written after every
+candidate (a time limit keeps what was measured).
+
+Usage (GPU): PYTHONPATH=. python benchmarks/tile_sweep.py --out $OUT [--budget-s 500]
+CPU smoke:   PYTHONPATH=. python benchmarks/tile_sweep.py --out /tmp/ts --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.kernel_bench import n_copies, random_weight, weight_bytes  # noqa: E402
+from pallas_kernels.higgs_matmul import default_config, higgs_matmul_pallas  # noqa: E402
+from pallas_kernels.higgs_matmul.autotune import time_device  # noqa: E402
+from pallas_kernels.higgs_matmul.config import split_k_for  # noqa: E402
+from pallas_kernels.higgs_matmul.reference import higgs_matmul_reference  # noqa: E402
+from pallas_kernels.higgs_matmul.repack import SUPPORTED  # noqa: E402
+
+#: The four linears of a fused 8B decoder layer: qkv, o, gate_up, down.
+SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
+GRIDS = {"p2_4b": (2, 256), "p2_3b": (2, 64), "p2_2b": (2, 16)}
+
+
+def candidates(m: int, k: int, n: int, p: int, n_grid: int, full: bool) -> list:
+    cb = SUPPORTED[(p, n_grid)]
+    base = default_config(m, k, n, p, cb / p)
+    units = -(-(-(-k // p)) // 32)
+    out = [base]
+    for bn in (32, 64, 128):
+        for bku in ((4, 8, 16) if full else (8, 16)):
+            steps_total = -(-units // bku)
+            s0 = split_k_for(steps_total, -(-n // bn))
+            for split in (s0, 2 * s0, 4 * s0):
+                if split > steps_total:
+                    continue
+                for warps in ((2, 4) if full else (4,)):
+                    out.append(
+                        dataclasses.replace(
+                            base, block_n=bn, block_k=bku * 32 * p, split_k=split, num_warps=warps
+                        )
+                    )
+    seen, uniq = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            uniq.append(c)
+    return uniq
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--grids", nargs="+", default=["p2_4b"], choices=sorted(GRIDS))
+    ap.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
+    ap.add_argument("--m", type=int, default=1)
+    ap.add_argument("--full", action="store_true", help="also BKU=4 and num_warps=2")
+    ap.add_argument("--reps", type=int, default=64)
+    ap.add_argument("--budget-s", type=float, default=480)
+    ap.add_argument("--smoke", action="store_true", help="tiny shape, interpret mode (CPU)")
+    args = ap.parse_args(argv)
+    shapes = []
+    for s in args.shapes:
+        try:
+            k, n = (int(v) for v in s.split("x"))
+        except ValueError:
+            ap.error(f"--shapes entries must look like 4096x4096, got {s!r}")
+        shapes.append((k, n))
+    if args.smoke:
+        shapes = [(512, 256)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    rows: list[dict] = []
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device": str(getattr(jax.devices()[0], "device_kind", jax.devices()[0].platform)),
+        "jax": jax.__version__,
+        "command": "python benchmarks/tile_sweep.py " + " ".join(argv or sys.argv[1:]),
+        "m": args.m,
+    }
+
+    def save():
+        (out / "tile_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    interpret = args.smoke
+    for gname in args.grids:
+        p, n_grid = GRIDS[gname]
+        for k, n in shapes:
+            key = jax.random.key(k * 7 + n)
+            kw0 = random_weight(key, k, n, p, n_grid)
+            copies = 1 if args.smoke else n_copies(weight_bytes(kw0))
+            kws = [kw0] + [random_weight(jax.random.fold_in(key, i), k, n, p, n_grid) for i in range(1, copies)]
+            x = jax.random.normal(jax.random.fold_in(key, 99), (args.m, k), jnp.bfloat16)
+            ref = np.asarray(higgs_matmul_reference(x.astype(jnp.float32), kw0), np.float64)
+            for i, cfg in enumerate(candidates(args.m, k, n, p, n_grid, args.full)):
+                if time.perf_counter() - t_start > args.budget_s:
+                    print("budget exhausted", flush=True)
+                    break
+                row = {"grid": gname, "k": k, "n": n, "default": i == 0, **cfg.to_dict()}
+                try:
+                    y = higgs_matmul_pallas(x, kw0, config=cfg, interpret=interpret)
+                    y = np.asarray(y, np.float64)
+                    row["rel_err"] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+                    if row["rel_err"] > 2e-2:
+                        raise AssertionError(f"rel err {row['rel_err']:.2e} vs the reference")
+                    if not args.smoke:
+                        fn = lambda a, w, c=cfg: higgs_matmul_pallas(a, w, config=c)  # noqa: E731
+                        row["us"] = time_device(fn, x, kws, args.reps) * 1e6
+                except Exception as e:  # noqa: BLE001 - a failing candidate is reported
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                rows.append(row)
+                save()
+                print(
+                    f"{gname} {k}x{n} bn={cfg.block_n} bku={cfg.block_k // (32 * p)} "
+                    f"split={cfg.split_k} warps={cfg.num_warps}{' (default)' if i == 0 else ''}: "
+                    + (f"{row['us']:.1f} us" if "us" in row else row.get("error", "ok (no timing)")),
+                    flush=True,
+                )
+    lines = ["| grid | shape | default us | best us | best config | speed-up |", "|---|---|---|---|---|---|"]
+    for gname in args.grids:
+        for k, n in shapes:
+            rs = [r for r in rows if r["grid"] == gname and r["k"] == k and r["n"] == n and "us" in r]
+            d = [r for r in rs if r["default"]]
+            if not rs or not d:
+                continue
+            b = min(rs, key=lambda r: r["us"])
+            lines.append(
+                f"| {gname} | {k}x{n} | {d[0]['us']:.1f} | {b['us']:.1f} | bn={b['block_n']} "
+                f"bk={b['block_k']} split={b['split_k']} warps={b['num_warps']} | "
+                f"{d[0]['us'] / b['us']:.2f}x |"
+            )
+    text = "\n".join(lines)
+    (out / "tile_sweep.md").write_text(f"# M={args.m} tiling sweep ({meta['date']}, {meta['device']})\n\n{text}\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
