@@ -130,8 +130,16 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
         block_n = min(block_n, max(16, _next_pow2(n)))
         bku = 16
         path, warps = "dot", 4
-    steps_total = -(-units // bku)
     n_blocks = -(-n // block_n) * (-(-m // block_m) if path == "dot" else 1)
+    if path == "fma":
+        # Latency-bound small shapes (e.g. 4096x4096: 32 column blocks x 4 steps of 16 units =
+        # 128 programs for 132 SMs): halve the units per step, down to 4, while the grid could
+        # not reach half the program target. Measured on an H100, M=1, p=2 4-bit, full op
+        # (benchmarks/tile_sweep.py): 4096x4096 28.0 -> 19.4 us (BKU 16 -> 4, split 4 -> 16),
+        # 4096x6144 29.0 -> 26.0 us (BKU 16 -> 8); shapes already near the target keep BKU.
+        while bku > 4 and n_blocks * -(-units // bku) < TARGET_PROGRAMS // 2:
+            bku //= 2
+    steps_total = -(-units // bku)
     # 2-bit codes: twice the programs (measured: split 8 vs 4 at 8192x28672, M=1: 62 vs 69 us).
     target = TARGET_PROGRAMS * (2 if code_bits == 2 and path != "dot" else 1)
     split = split_k_for(steps_total, n_blocks, target)
