@@ -559,11 +559,12 @@ def build_table(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        sp = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
+        sp = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else None
         r["speedup_vs_bf16"] = sp
+        sp_txt = "n/a (no bf16 row)" if sp is None else f"{sp:.2f}x"
         lines.append(
             f"| {r['variant']} | {r['batch']} | {r['step_us']:.0f} | {r['tokens_per_s']:.1f} | "
-            f"{sp:.2f}x | {r['host_call_us']:.0f} | {r['dispatch_overhead_us']:.0f} | "
+            f"{sp_txt} | {r['host_call_us']:.0f} | {r['dispatch_overhead_us']:.0f} | "
             f"{fmt_bytes(r['peak_bytes'])} | {r['params_bytes'] / 2**30:.2f} | "
             f"{r['compile_plus_first_call_s']:.1f} |"
         )
