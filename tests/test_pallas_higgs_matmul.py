@@ -605,6 +605,30 @@ def test_default_config_valid(m):
 
 
 @pytest.mark.parametrize(
+    "k,n,bku,split",
+    [
+        (4096, 4096, 4, 16),  # 32 column blocks: 16 units/step would give 128 programs
+        (4096, 6144, 8, 8),
+        (14336, 4096, 16, 8),  # already near the program target: unchanged
+        (8192, 28672, 16, 4),
+    ],
+)
+def test_default_config_fills_the_gpu_on_small_shapes(k, n, bku, split):
+    """M = 1, p = 2, 4-bit: fewer units per step only where the grid could not reach half the
+    program target (tile sweep, benchmarks/RESULTS.md session 4)."""
+    from pallas_kernels.higgs_matmul.config import TARGET_PROGRAMS
+
+    cfg = default_config(1, k, n, 2, 4)
+    assert (cfg.units_per_step(2), cfg.split_k) == (bku, split)
+    units = k // 64
+    assert cfg.split_k * cfg.units_per_step(2) <= units  # every program has >= 1 step
+    # The largest grid this tiling allows (one step per program) reaches half the target,
+    # unless the units per step are already at the floor of 4.
+    most = (n // cfg.block_n) * -(-units // cfg.units_per_step(2))
+    assert most >= TARGET_PROGRAMS // 2 or cfg.units_per_step(2) == 4
+
+
+@pytest.mark.parametrize(
     "kwargs",
     [
         {"block_n": 100},
