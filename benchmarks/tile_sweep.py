@@ -57,12 +57,7 @@ def candidates(m: int, k: int, n: int, p: int, n_grid: int, full: bool) -> list:
                             base, block_n=bn, block_k=bku * 32 * p, split_k=split, num_warps=warps
                         )
                     )
-    seen, uniq = set(), []
-    for c in out:
-        if c not in seen:
-            seen.add(c)
-            uniq.append(c)
-    return uniq
+    return list(dict.fromkeys(out))  # Config is frozen (hashable); keeps the first of each
 
 
 def main(argv=None) -> int:

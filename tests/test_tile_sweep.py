@@ -1,0 +1,33 @@
+"""CPU smoke test of benchmarks/tile_sweep.py (interpret mode: correctness of every candidate)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import tile_sweep
+
+
+def test_smoke_checks_every_candidate(tmp_path):
+    assert tile_sweep.main(["--out", str(tmp_path), "--smoke"]) == 0
+    rows = json.loads((tmp_path / "tile_sweep.json").read_text())["rows"]
+    assert len(rows) == len(tile_sweep.candidates(1, 512, 256, 2, 256, False))
+    assert rows[0]["default"] and not any(r["default"] for r in rows[1:])
+    for r in rows:
+        assert "error" not in r, r
+        assert r["rel_err"] < 2e-2
+
+
+def test_candidates_are_distinct_and_start_with_the_default():
+    from pallas_kernels.higgs_matmul import default_config
+
+    cands = tile_sweep.candidates(1, 4096, 4096, 2, 256, True)
+    assert cands[0] == default_config(1, 4096, 4096, 2, 4)
+    assert len(set(cands)) == len(cands) > 10
+
+
+def test_bad_shape_is_named(capsys):
+    with pytest.raises(SystemExit):
+        tile_sweep.main(["--out", "/tmp/ts_bad", "--shapes", "4096by4096"])
+    assert "4096by4096" in capsys.readouterr().err
