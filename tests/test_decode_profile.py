@@ -56,3 +56,11 @@ def test_empty_trace_and_bad_args(tmp_path):
         dp.load_trace(tmp_path)
     with pytest.raises(ValueError, match="unknown variant 'p9_9b'"):
         dp.main(["--out", str(tmp_path), "--variants", "p9_9b", "--tiny"])
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch", "--layers"])
+def test_nonpositive_sizes_are_named(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        dp.main(["--out", str(tmp_path), "--tiny", flag, "0"])
+    err = capsys.readouterr().err
+    assert "must be >= 1, got" in err and "0" in err.split("got")[-1]
