@@ -7,7 +7,7 @@ Device time as in kernel_bench.py: `autotune.time_device` (>= 32 calls per fori_
 cycling through enough weight copies to defeat the 50 MB L2). Results are written after every
 candidate (a time limit keeps what was measured).
 
-Usage (GPU): PYTHONPATH=. python benchmarks/tile_sweep.py --out $OUT [--budget-s 500]
+Usage (GPU): PYTHONPATH=. python benchmarks/tile_sweep.py --out $OUT [--budget-s 500] [--knobs]
 CPU smoke:   PYTHONPATH=. python benchmarks/tile_sweep.py --out /tmp/ts --smoke
 """
 
@@ -45,19 +45,40 @@ def candidates(m: int, k: int, n: int, p: int, n_grid: int, full: bool) -> list:
     units = -(-(-(-k // p)) // 32)
     out = [base]
     for bn in (32, 64, 128):
-        for bku in ((4, 8, 16) if full else (8, 16)):
+        for bku in (4, 8, 16) if full else (8, 16):
             steps_total = -(-units // bku)
             s0 = split_k_for(steps_total, -(-n // bn))
             for split in (s0, 2 * s0, 4 * s0):
                 if split > steps_total:
                     continue
-                for warps in ((2, 4) if full else (4,)):
+                for warps in (2, 4) if full else (4,):
                     out.append(
                         dataclasses.replace(
                             base, block_n=bn, block_k=bku * 32 * p, split_k=split, num_warps=warps
                         )
                     )
     return list(dict.fromkeys(out))  # Config is frozen (hashable); keeps the first of each
+
+
+def knob_candidates(m: int, k: int, n: int, p: int, n_grid: int) -> list:
+    """The default tiling and the one with half the units per step, each with every word-load
+    mode (lazy / eager / prefetch) x separate or fused multiply-adds (`Config.words`,
+    `Config.fused_fma`); split-K re-derived for the halved tiling."""
+    cb = SUPPORTED[(p, n_grid)]
+    base = default_config(m, k, n, p, cb / p)
+    units = -(-(-(-k // p)) // 32)
+    bku0 = base.block_k // (32 * p)
+    tilings = [base]
+    if bku0 >= 2:
+        bku = bku0 // 2
+        split = split_k_for(-(-units // bku), -(-n // base.block_n))
+        tilings.append(dataclasses.replace(base, block_k=bku * 32 * p, split_k=split))
+    out = []
+    for t in tilings:
+        for words in ("lazy", "eager", "prefetch"):
+            for fused in (False, True):
+                out.append(dataclasses.replace(t, words=words, fused_fma=fused))
+    return list(dict.fromkeys(out))
 
 
 def main(argv=None) -> int:
@@ -67,6 +88,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--full", action="store_true", help="also BKU=4 and num_warps=2")
+    ap.add_argument(
+        "--knobs",
+        action="store_true",
+        help="sweep word-load modes x fused FMA on two tilings instead of the tiling grid",
+    )
     ap.add_argument("--reps", type=int, default=64)
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--smoke", action="store_true", help="tiny shape, interpret mode (CPU)")
@@ -102,10 +128,16 @@ def main(argv=None) -> int:
             key = jax.random.key(k * 7 + n)
             kw0 = random_weight(key, k, n, p, n_grid)
             copies = 1 if args.smoke else n_copies(weight_bytes(kw0))
-            kws = [kw0] + [random_weight(jax.random.fold_in(key, i), k, n, p, n_grid) for i in range(1, copies)]
+            kws = [kw0] + [
+                random_weight(jax.random.fold_in(key, i), k, n, p, n_grid) for i in range(1, copies)
+            ]
             x = jax.random.normal(jax.random.fold_in(key, 99), (args.m, k), jnp.bfloat16)
             ref = np.asarray(higgs_matmul_reference(x.astype(jnp.float32), kw0), np.float64)
-            for i, cfg in enumerate(candidates(args.m, k, n, p, n_grid, args.full)):
+            if args.knobs:
+                cands = knob_candidates(args.m, k, n, p, n_grid)
+            else:
+                cands = candidates(args.m, k, n, p, n_grid, args.full)
+            for i, cfg in enumerate(cands):
                 if time.perf_counter() - t_start > args.budget_s:
                     print("budget exhausted", flush=True)
                     break
@@ -125,25 +157,36 @@ def main(argv=None) -> int:
                 save()
                 print(
                     f"{gname} {k}x{n} bn={cfg.block_n} bku={cfg.block_k // (32 * p)} "
-                    f"split={cfg.split_k} warps={cfg.num_warps}{' (default)' if i == 0 else ''}: "
-                    + (f"{row['us']:.1f} us" if "us" in row else row.get("error", "ok (no timing)")),
+                    f"split={cfg.split_k} warps={cfg.num_warps} words={cfg.words} "
+                    f"fused={int(cfg.fused_fma)}{' (default)' if i == 0 else ''}: "
+                    + (
+                        f"{row['us']:.1f} us" if "us" in row else row.get("error", "ok (no timing)")
+                    ),
                     flush=True,
                 )
-    lines = ["| grid | shape | default us | best us | best config | speed-up |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| grid | shape | default us | best us | best config | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
     for gname in args.grids:
         for k, n in shapes:
-            rs = [r for r in rows if r["grid"] == gname and r["k"] == k and r["n"] == n and "us" in r]
+            rs = [
+                r for r in rows if r["grid"] == gname and r["k"] == k and r["n"] == n and "us" in r
+            ]
             d = [r for r in rs if r["default"]]
             if not rs or not d:
                 continue
             b = min(rs, key=lambda r: r["us"])
             lines.append(
                 f"| {gname} | {k}x{n} | {d[0]['us']:.1f} | {b['us']:.1f} | bn={b['block_n']} "
-                f"bk={b['block_k']} split={b['split_k']} warps={b['num_warps']} | "
+                f"bk={b['block_k']} split={b['split_k']} warps={b['num_warps']} "
+                f"words={b.get('words', 'lazy')} fused={int(b.get('fused_fma', False))} | "
                 f"{d[0]['us'] / b['us']:.2f}x |"
             )
     text = "\n".join(lines)
-    (out / "tile_sweep.md").write_text(f"# M={args.m} tiling sweep ({meta['date']}, {meta['device']})\n\n{text}\n")
+    (out / "tile_sweep.md").write_text(
+        f"# M={args.m} tiling sweep ({meta['date']}, {meta['device']})\n\n{text}\n"
+    )
     print(text)
     return 0
 

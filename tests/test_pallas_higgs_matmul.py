@@ -156,14 +156,17 @@ CASES = [  # (path, M, x dtype, K): odd K needs padding; M > block on the dot pa
 ]
 
 
-def _check_against_reference(p, n, path, m, dtype, k, decode="auto", bias=True):
-    w = make_weight(k, 48, p, n, seed=p * 100 + n)
+def _check_against_reference(
+    p, n, path, m, dtype, k, decode="auto", bias=True, *, n_cols=48, **options
+):
+    w = make_weight(k, n_cols, p, n, seed=p * 100 + n)
     rng = np.random.default_rng(m)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
-    b = jnp.asarray(rng.normal(size=48), jnp.float32) if bias else None
-    y = higgs_matmul_pallas(x, w, bias=b, config=_cfg(path, p, decode), interpret=not _on_gpu())
+    b = jnp.asarray(rng.normal(size=n_cols), jnp.float32) if bias else None
+    cfg = dataclasses.replace(_cfg(path, p, decode), **options)
+    y = higgs_matmul_pallas(x, w, bias=b, config=cfg, interpret=not _on_gpu())
     r = higgs_matmul_reference(x.astype(jnp.float32), w, bias=b)
-    assert y.shape == (m, 48) and y.dtype == dtype
+    assert y.shape == (m, n_cols) and y.dtype == dtype
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
     # gather_pair / byte tables store the grid as bf16: bf16-level error even on the f32 path.
     if decode == "auto" and path != "gemv":
@@ -214,6 +217,43 @@ def test_decoders(p, n, decode):
 
 
 BYTE_GRIDS = [(1, 4), (1, 16), (2, 16), (2, 256)]  # code bits 2, 4, 4, 8: no code straddles a byte
+
+
+#: (p, n, decode) covering the bf16-pair decoder (p = 1 pairs and p = 2), a generic gather,
+#: a two-part code width (p = 2, 6-bit) and an arithmetic decoder.
+LOAD_FMA_GRIDS = [
+    (1, 16, "gather_pair"),
+    (2, 256, "gather_pair"),
+    (2, 64, "auto"),
+    (1, 8, "gather"),
+    (1, 4, "poly"),
+]
+
+
+@pytest.mark.parametrize("p,n,decode", LOAD_FMA_GRIDS)
+@pytest.mark.parametrize("words", ["eager", "prefetch"])
+@pytest.mark.parametrize("fused_fma", [False, True])
+def test_word_loads_and_fused_fma(p, n, decode, words, fused_fma):
+    """Eager/prefetched word loads and fused multiply-adds give the reference result: K = 200
+    (masked last unit row), N = 40 (masked columns), 2 loop steps per program (the prefetch of
+    the step after the last one is masked off), M = 3 (rows padded to 4)."""
+    _check_against_reference(
+        p,
+        n,
+        "fma",
+        3,
+        jnp.bfloat16,
+        200,
+        decode=decode,
+        n_cols=40,
+        words=words,
+        fused_fma=fused_fma,
+    )
+
+
+@pytest.mark.parametrize("words", ["eager", "prefetch"])
+def test_word_loads_dot_path(words):
+    _check_against_reference(2, 64, "dot", 20, jnp.bfloat16, 200, n_cols=40, words=words)
 
 
 @pytest.mark.parametrize("p,n", BYTE_GRIDS)
@@ -636,6 +676,8 @@ def test_default_config_fills_the_gpu_on_small_shapes(k, n, bku, split):
         {"path": "wgmma"},
         {"decode": "magic"},
         {"path": "dot", "block_m": 8},
+        {"words": "early"},
+        {"fused_fma": 1},
     ],
 )
 def test_bad_config(kwargs):
@@ -713,6 +755,15 @@ def test_gpu_decoders(p, n, decode):
     if decode == "select" and n > 64:
         pytest.skip("select tree of 255 nodes: not a candidate")
     _check_against_reference(p, n, "fma", 1, jnp.bfloat16, 200, decode=decode)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("p,n,decode", LOAD_FMA_GRIDS)
+@pytest.mark.parametrize("words", ["lazy", "eager", "prefetch"])
+def test_gpu_word_loads_and_fused_fma(p, n, decode, words):
+    for fused in (False, True):
+        test_word_loads_and_fused_fma(p, n, decode, words, fused)
 
 
 @pytest.mark.gpu

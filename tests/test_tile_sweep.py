@@ -31,3 +31,16 @@ def test_bad_shape_is_named(capsys):
     with pytest.raises(SystemExit):
         tile_sweep.main(["--out", "/tmp/ts_bad", "--shapes", "4096by4096"])
     assert "4096by4096" in capsys.readouterr().err
+
+
+def test_knob_sweep_smoke_checks_every_mode(tmp_path):
+    assert tile_sweep.main(["--out", str(tmp_path), "--smoke", "--knobs"]) == 0
+    rows = json.loads((tmp_path / "tile_sweep.json").read_text())["rows"]
+    cands = tile_sweep.knob_candidates(1, 512, 256, 2, 256)
+    assert len(rows) == len(cands) == 12  # 2 tilings x 3 word-load modes x 2 FMA forms
+    assert {(r["words"], r["fused_fma"]) for r in rows} == {
+        (w, f) for w in ("lazy", "eager", "prefetch") for f in (False, True)
+    }
+    for r in rows:
+        assert "error" not in r, r
+        assert r["rel_err"] < 2e-2

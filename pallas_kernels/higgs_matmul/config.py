@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 PATHS = ("fma", "dot", "gemv", "wide")
+WORD_LOADS = ("lazy", "eager", "prefetch")
 DECODES = ("auto", "poly", "select", "gather", "gather_pair", "byte", "code")
 MAX_M = 256
 #: Largest M (after padding to a power of two) the CUDA-core (fma) path handles.
@@ -43,6 +44,12 @@ class Config:
         table) or "auto".
       volatile: "gemv" path: prefetch the next tile's words with volatile loads, which keeps
         the compiler from sinking the prefetch to the end of the loop body.
+      words: "fma"/"dot" paths: when a tile's weight words are loaded: "lazy" (each word row
+        right before its first use: one DRAM round trip per word row, in series), "eager" (all
+        word rows at the top of the loop step) or "prefetch" (eager, and the next tile's rows
+        are issued at the top of each step and carried in registers to the next one).
+      fused_fma: "fma" path: inline-PTX fused multiply-adds (and, with the bf16-pair decoder,
+        the pair unpacking in the same PTX block) instead of a separate multiply and add.
     """
 
     block_n: int = 128
@@ -54,6 +61,8 @@ class Config:
     block_m: int = 16
     decode: str = "auto"
     volatile: bool = False
+    words: str = "lazy"
+    fused_fma: bool = False
 
     def __post_init__(self):
         for name in ("block_n", "num_warps", "block_m"):
@@ -70,6 +79,10 @@ class Config:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if not isinstance(self.volatile, bool):
             raise ValueError(f"volatile must be a bool, got {self.volatile!r}")
+        if self.words not in WORD_LOADS:
+            raise ValueError(f"words must be one of {WORD_LOADS}, got {self.words!r}")
+        if not isinstance(self.fused_fma, bool):
+            raise ValueError(f"fused_fma must be a bool, got {self.fused_fma!r}")
         if self.path in ("dot", "wide") and self.block_m < 16:
             raise ValueError(
                 f"block_m must be >= 16 on the {self.path} path (tensor-core dot), got "

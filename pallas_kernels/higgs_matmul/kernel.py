@@ -147,6 +147,20 @@ def x_plane(x_ref, rows, d: int, c: int, u0, *, bku: int, xblk: int):
 
 
 # ------------------------------------------------------------------------------------ tiles
+def tile_mask(
+    rows, cols, *, bku: int, bn: int, units: int, n_cols: int, mask_rows: bool, mask_cols: bool
+):
+    """(BKU, BN) bool mask of the valid words of a tile (unit rows ``rows``, columns ``cols``),
+    or None when the tile can never reach past the weight (both flags False)."""
+    mask = None
+    if mask_rows:
+        mask = jnp.broadcast_to(rows[:, None] < units, (bku, bn))
+    if mask_cols:
+        cm = jnp.broadcast_to(cols < n_cols, (bku, bn))
+        mask = cm if mask is None else mask & cm
+    return mask
+
+
 def tile_mask_and_scales(
     s_ref,
     rows,
@@ -166,12 +180,16 @@ def tile_mask_and_scales(
 
     Shared by both kernels. A unit never spans two scale groups, so one scale row per unit row.
     """
-    mask = None
-    if mask_rows:
-        mask = jnp.broadcast_to(rows[:, None] < units, (bku, bn))
-    if mask_cols:
-        cm = jnp.broadcast_to(cols < n_cols, (bku, bn))
-        mask = cm if mask is None else mask & cm
+    mask = tile_mask(
+        rows,
+        cols,
+        bku=bku,
+        bn=bn,
+        units=units,
+        n_cols=n_cols,
+        mask_rows=mask_rows,
+        mask_cols=mask_cols,
+    )
     g_idx = (rows * group_units_num) // group_units_den
     if mask_rows:
         g_idx = jnp.minimum(g_idx, num_groups - 1)
@@ -275,33 +293,70 @@ def higgs_matmul_kernel(
     mask_rows: bool,
     mask_cols: bool,
     xblk: int,
+    words: str = "lazy",
+    fused_fma: bool = False,
+    interpret: bool = False,
 ):
+    """Kernel body; see the module docstring. Plane-path options (`Config`):
+
+    words: when the weight words of a tile are loaded. "lazy": each word row right before the
+      first plane that needs it (one DRAM round trip per word row, in series). "eager": all cb
+      word rows at the top of the loop step, before any decoding (cb loads in flight at once).
+      "prefetch": eager, plus the next tile's word rows are issued at the top of each step and
+      carried to the next one (their latency overlaps this step's decoding).
+    fused_fma: "fma" path: multiply-adds as inline-PTX fused multiply-adds (XLA's Triton pipeline
+      emits a separate FMUL and FADD otherwise); with the bf16-pair decoder, the pair unpacking
+      and both products are one PTX block. ``interpret`` swaps in the same arithmetic in jnp.
+    """
     j = pl.program_id(0)
     s = pl.program_id(1)
     i = pl.program_id(2)  # read here: interpret mode cannot lower program_id inside the loop
     n0 = pl.multiple_of(j * bn, bn)
     cols = n0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
     parts = code_parts(cb)
+    mask_kw = {
+        "bku": bku,
+        "bn": bn,
+        "units": units,
+        "n_cols": n_cols,
+        "mask_rows": mask_rows,
+        "mask_cols": mask_cols,
+    }
+
+    def load_words(u0, mask):
+        out = []
+        for t in range(cb):
+            ref = w_ref.at[pl.ds(u0, bku), jnp.int32(t), pl.ds(n0, bn)]
+            out.append(_compat.load(ref, mask=mask, other=0))
+        return tuple(out)
+
+    def first_unit(it):
+        return pl.multiple_of((s * steps + it) * bku, bku)
 
     def step(it, carry):
-        u0 = pl.multiple_of((s * steps + it) * bku, bku)
+        state, ahead = carry
+        u0 = first_unit(it)
         rows = u0 + lax.broadcasted_iota(jnp.int32, (bku,), 0)
+        if words == "prefetch" and path != "wide":
+            # Issue the next tile's loads first; off the end of this program's range they are
+            # masked off entirely (no memory traffic).
+            u1 = u0 + bku
+            m1 = tile_mask(u1 + lax.broadcasted_iota(jnp.int32, (bku,), 0), cols, **mask_kw)
+            live = jnp.broadcast_to(it + 1 < steps, (bku, bn))
+            nxt = load_words(u1, live if m1 is None else (m1 & live))
+        else:
+            nxt = ahead
         mask, scl = tile_mask_and_scales(
             s_ref,
             rows,
             cols,
-            bku=bku,
-            bn=bn,
-            units=units,
-            n_cols=n_cols,
             group_units_num=group_units_num,
             group_units_den=group_units_den,
             num_groups=num_groups,
-            mask_rows=mask_rows,
-            mask_cols=mask_cols,
+            **mask_kw,
         )
         if path == "wide":
-            return carry + _wide_tile_dot(
+            return state + _wide_tile_dot(
                 x_ref,
                 w_ref,
                 lut_ref,
@@ -318,71 +373,89 @@ def higgs_matmul_kernel(
                 bku=bku,
                 bn=bn,
                 bm=bm,
-            )
-        words = {}
+            ), ahead
+        loaded = {}
+        if words == "prefetch":
+            loaded = dict(enumerate(ahead))
+        elif words == "eager":
+            loaded = dict(enumerate(load_words(u0, mask)))
 
         def word(t):
-            if t not in words:
+            if t not in loaded:
                 ref = w_ref.at[pl.ds(u0, bku), jnp.int32(t), pl.ds(n0, bn)]
-                words[t] = _compat.load(ref, mask=mask, other=0)
-            return words[t]
+                loaded[t] = _compat.load(ref, mask=mask, other=0)
+            return loaded[t]
+
+        def xrow(m, d, c):  # (BKU, BN) f32 broadcast of one activation plane (fma path)
+            xs = x_plane(x_ref, m, d, c, u0, bku=bku, xblk=xblk).astype(jnp.float32)
+            return jnp.broadcast_to(xs[:, None], (bku, bn))
 
         if path == "fma":
             partial = [jnp.zeros((bku, bn), jnp.float32) for _ in range(m_rows)]
         else:
-            acc = carry
+            acc = state
         pair1 = decode == "gather_pair" and p == 1
+        fused_pair = fused_fma and path == "fma" and decode == "gather_pair"
         for c in range(0, 32, 2 if pair1 else 1):
-            if pair1:
-                # Two consecutive codes (planes c, c+1) of one word form one 2w-bit index into
-                # a table of bf16 pairs: one gather decodes two weights.
-                (w,) = parts
-                cpw = 32 // w
-                field = (word(c // cpw) >> np.uint32((c % cpw) * w)) & np.uint32((1 << 2 * w) - 1)
-                lo, hi = decode_codes(
-                    field, lut_ref, decode=decode, cb=2 * w, p=2, grid_values=(), coef=()
-                )
-                for cc, v in ((c, lo), (c + 1, hi)):
-                    if path == "fma":
-                        for m in range(m_rows):
-                            xs = x_plane(x_ref, m, 0, cc, u0, bku=bku, xblk=xblk).astype(jnp.float32)
-                            partial[m] = partial[m] + xs[:, None] * v
-                    else:
-                        xs = x_plane(x_ref, pl.ds(i * bm, bm), 0, cc, u0, bku=bku, xblk=xblk)
-                        wv = (v * scl).astype(xs.dtype)
-                        acc = acc + jnp.dot(xs, wv, preferred_element_type=jnp.float32)
-                continue
             code = None
             row0, offset = 0, 0
             for w in parts:
+                fw = 2 * w if pair1 else w  # p = 1 pairs: codes c, c+1 of one word, one field
                 cpw = 32 // w
                 field = (word(row0 + c // cpw) >> np.uint32((c % cpw) * w)) & np.uint32(
-                    (1 << w) - 1
+                    (1 << fw) - 1
                 )
                 code = field if code is None else code | (field << np.uint32(offset))
                 row0 += w
                 offset += w
-            vals = decode_codes(
-                code, lut_ref, decode=decode, cb=cb, p=p, grid_values=grid_values, coef=coef
-            )
-            for d in range(p):
+            if fused_pair:
+                # One 32-bit gather = two bf16 grid values; unpack + two FMAs in one PTX block.
+                pair = lut_ref[code.astype(jnp.int32)]
+                d_c = ((0, c), (0, c + 1)) if pair1 else ((0, c), (1, c))
+                for m in range(m_rows):
+                    partial[m] = _compat.bf16_pair_fma(
+                        pair, xrow(m, *d_c[0]), xrow(m, *d_c[1]), partial[m], interpret=interpret
+                    )
+                continue
+            if pair1:
+                vals = decode_codes(
+                    code, lut_ref, decode=decode, cb=2 * cb, p=2, grid_values=(), coef=()
+                )
+                slots = ((0, c), (0, c + 1))  # (coordinate, plane) of each decoded value
+            else:
+                vals = decode_codes(
+                    code, lut_ref, decode=decode, cb=cb, p=p, grid_values=grid_values, coef=coef
+                )
+                slots = tuple((d, c) for d in range(p))
+            for v, (d, cc) in zip(vals, slots):
                 if path == "fma":
                     for m in range(m_rows):
-                        xs = x_plane(x_ref, m, d, c, u0, bku=bku, xblk=xblk).astype(jnp.float32)
-                        partial[m] = partial[m] + xs[:, None] * vals[d]
+                        if fused_fma:
+                            partial[m] = _compat.fma_f32(
+                                xrow(m, d, cc), v, partial[m], interpret=interpret
+                            )
+                        else:
+                            xs = x_plane(x_ref, m, d, cc, u0, bku=bku, xblk=xblk)
+                            partial[m] = partial[m] + xs.astype(jnp.float32)[:, None] * v
                 else:
-                    xs = x_plane(x_ref, pl.ds(i * bm, bm), d, c, u0, bku=bku, xblk=xblk)  # (BM, BKU)
-                    wv = (vals[d] * scl).astype(xs.dtype)
+                    xs = x_plane(x_ref, pl.ds(i * bm, bm), d, cc, u0, bku=bku, xblk=xblk)
+                    wv = (v * scl).astype(xs.dtype)  # (BM, BKU) x (BKU, BN)
                     acc = acc + jnp.dot(xs, wv, preferred_element_type=jnp.float32)
         if path == "fma":
-            return tuple(carry[m] + partial[m] * scl for m in range(m_rows))
-        return acc
+            return tuple(state[m] + partial[m] * scl for m in range(m_rows)), nxt
+        return acc, nxt
 
+    if words == "prefetch" and path != "wide":
+        u_first = first_unit(0)
+        m0 = tile_mask(u_first + lax.broadcasted_iota(jnp.int32, (bku,), 0), cols, **mask_kw)
+        ahead0 = load_words(u_first, m0)
+    else:
+        ahead0 = ()
     if path == "fma":
         init = tuple(jnp.zeros((bku, bn), jnp.float32) for _ in range(m_rows))
-        out = lax.fori_loop(0, steps, step, init)
+        out, _ = lax.fori_loop(0, steps, step, (init, ahead0))
         for m in range(m_rows):
             o_ref[s, m, pl.ds(n0, bn)] = jnp.sum(out[m], axis=0)
     else:
-        out = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+        out, _ = lax.fori_loop(0, steps, step, (jnp.zeros((bm, bn), jnp.float32), ahead0))
         o_ref[s, pl.ds(i * bm, bm), pl.ds(n0, bn)] = out

@@ -336,6 +336,9 @@ def launch_kernel(
             grid_values=kw.grid_values,
             coef=coef,
             bm=bm,
+            words=cfg.words,
+            fused_fma=cfg.fused_fma,
+            interpret=interpret,
             **common,
         )
         lut = _lut(decode, kw)
