@@ -74,6 +74,8 @@ VARIANTS: dict[str, tuple[int, int] | None] = {
     "p1_4b": (1, 4),
     "p1_3b": (1, 3),
     "p1_2b": (1, 2),
+    "p4_3b": (4, 3),
+    "p4_2b": (4, 2),
 }
 DEFAULT_VARIANTS = ("bf16", "p2_4b", "p2_3b", "p2_2b")
 RESULT_PREFIX = "DECODE_BENCH_RESULT "

@@ -49,7 +49,7 @@ from pallas_kernels.higgs_matmul.repack import SUPPORTED
 
 SHAPES = [(4096, 14336), (14336, 4096), (8192, 28672), (4096, 4096), (4096, 1024)]
 MS = [1, 4, 16, 64]
-GRIDS = [(1, 4), (1, 8), (1, 16), (2, 16), (2, 64), (2, 256)]  # (p, n): bits = log2(n)/p
+GRIDS = [(1, 4), (1, 8), (1, 16), (2, 16), (2, 64), (2, 256), (4, 256), (4, 4096)]  # bits = log2(n)/p
 H = 512  # Hadamard block (HF default); one bf16 scale per block (g = h)
 L2_DEFEAT_BYTES = 150e6
 

@@ -36,7 +36,13 @@ from pallas_kernels.higgs_matmul.repack import SUPPORTED  # noqa: E402
 
 #: The four linears of a fused 8B decoder layer: qkv, o, gate_up, down.
 SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
-GRIDS = {"p2_4b": (2, 256), "p2_3b": (2, 64), "p2_2b": (2, 16)}
+GRIDS = {
+    "p2_4b": (2, 256),
+    "p2_3b": (2, 64),
+    "p2_2b": (2, 16),
+    "p4_3b": (4, 4096),
+    "p4_2b": (4, 256),
+}
 
 
 def candidates(m: int, k: int, n: int, p: int, n_grid: int, full: bool) -> list:

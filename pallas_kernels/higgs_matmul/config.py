@@ -133,7 +133,8 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
         # "gemv" path was 2-20% slower). p = 2: 16 units per step for 8-bit codes (76 vs 83 vs
         # 99 us for 16/8/4 at 8192x28672), 8 for 4/6-bit codes.
         block_n = 128 if n >= 128 else max(16, _next_pow2(n))
-        bku = 8 if p == 1 else (16 if code_bits == 8 else 8)
+        # p = 4 (not swept yet): 8 units = 1024 coordinates per step, like p = 2 at 8 units.
+        bku = 16 if (p == 2 and code_bits == 8) else 8
         bku = min(bku, _next_pow2(units))
         path = "fma"
         block_m, warps = 16, 4

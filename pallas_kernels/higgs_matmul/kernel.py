@@ -104,6 +104,14 @@ def _decode_select(code, *, cb: int, values: tuple[float, ...]):
     return out
 
 
+def pair_words(idx, lut_ref, p: int):
+    """The p / 2 uint32 words of bf16 coordinate pairs of codes ``idx`` (table: `wrapper._lut`)."""
+    if p == 2:
+        return [lut_ref[idx]]
+    base = idx * (p // 2)
+    return [lut_ref[base + j] for j in range(p // 2)]
+
+
 def decode_codes(code, lut_ref, *, decode: str, cb: int, p: int, grid_values, coef):
     """Codes (uint32, any shape) -> list of p float32 arrays of grid coordinates."""
     if decode == "poly":
@@ -118,12 +126,13 @@ def decode_codes(code, lut_ref, *, decode: str, cb: int, p: int, grid_values, co
             return [lut_ref[idx]]
         return [lut_ref[idx * p + d] for d in range(p)]
     if decode == "gather_pair":
-        # One 32-bit load returns both coordinates as bf16 (low half: d=0, high half: d=1);
-        # bf16 -> f32 is a 16-bit shift of the bit pattern.
-        pair = lut_ref[idx]
-        lo = lax.bitcast_convert_type(pair << np.uint32(16), jnp.float32)
-        hi = lax.bitcast_convert_type(pair & np.uint32(0xFFFF0000), jnp.float32)
-        return [lo, hi]
+        # One 32-bit load returns two coordinates as bf16 (low half: even, high half: odd);
+        # bf16 -> f32 is a 16-bit shift of the bit pattern. p = 4: two loads per code.
+        out = []
+        for pair in pair_words(idx, lut_ref, p):
+            out.append(lax.bitcast_convert_type(pair << np.uint32(16), jnp.float32))
+            out.append(lax.bitcast_convert_type(pair & np.uint32(0xFFFF0000), jnp.float32))
+        return out
     raise ValueError(f"unknown decode {decode!r}")
 
 
@@ -410,12 +419,17 @@ def higgs_matmul_kernel(
                 offset += w
             if fused_pair:
                 # One 32-bit gather = two bf16 grid values; unpack + two FMAs in one PTX block.
-                pair = lut_ref[code.astype(jnp.int32)]
-                d_c = ((0, c), (0, c + 1)) if pair1 else ((0, c), (1, c))
-                for m in range(m_rows):
-                    partial[m] = _compat.bf16_pair_fma(
-                        pair, xrow(m, *d_c[0]), xrow(m, *d_c[1]), partial[m], interpret=interpret
-                    )
+                idx = code.astype(jnp.int32)
+                if pair1:
+                    jobs = [(lut_ref[idx], (0, c), (0, c + 1))]
+                else:
+                    words_p = pair_words(idx, lut_ref, p)
+                    jobs = [(wp, (2 * j, c), (2 * j + 1, c)) for j, wp in enumerate(words_p)]
+                for pair, da, db in jobs:
+                    for m in range(m_rows):
+                        partial[m] = _compat.bf16_pair_fma(
+                            pair, xrow(m, *da), xrow(m, *db), partial[m], interpret=interpret
+                        )
                 continue
             if pair1:
                 vals = decode_codes(

@@ -147,9 +147,9 @@ def resolve_decode(decode: str, kw: KernelPackedWeight) -> tuple[str, tuple[floa
         if mags is None:
             raise ValueError("decode='poly' needs a sorted, symmetric 1-D grid")
         return decode, _kernel.magnitude_poly(mags)
-    if decode == "gather_pair" and kw.p != 2 and not (kw.p == 1 and kw.code_bits in (2, 4)):
+    if decode == "gather_pair" and kw.p not in (2, 4) and not (kw.p == 1 and kw.code_bits in (2, 4)):
         raise ValueError(
-            f"decode='gather_pair' needs p=2, or p=1 with 2- or 4-bit codes; got p={kw.p}, "
+            f"decode='gather_pair' needs p=2 or 4, or p=1 with 2- or 4-bit codes; got p={kw.p}, "
             f"code_bits={kw.code_bits}"
         )
     return decode, ()
@@ -164,7 +164,10 @@ def _lut(decode: str, kw: KernelPackedWeight) -> jax.Array:
             n = bits.shape[0]
             c0, c1 = np.arange(n * n) % n, np.arange(n * n) // n
             return jnp.asarray(bits[c0, 0] | (bits[c1, 0] << np.uint32(16)), jnp.uint32)
-        return jnp.asarray(bits[:, 0] | (bits[:, 1] << np.uint32(16)), jnp.uint32)
+        # p = 2: entry c holds (grid[c][0], grid[c][1]); p = 4: entries 2c, 2c + 1 hold
+        # coordinates (0, 1) and (2, 3) of grid[c] (one cache line serves both lookups).
+        pairs = bits[:, 0::2] | (bits[:, 1::2] << np.uint32(16))  # (n, p / 2)
+        return jnp.asarray(pairs.reshape(-1), jnp.uint32)
     return jnp.asarray(gv.reshape(-1), jnp.float32)
 
 
@@ -252,6 +255,8 @@ def _plan(kw: KernelPackedWeight, cfg: Config, m: int, out_dtype) -> dict:
             raise ValueError(
                 f"path={cfg.path!r} supports M <= {MAX_FMA_M}, got M={m}; use path='dot' or 'wide'"
             )
+        if cfg.path == "gemv" and kw.p not in (1, 2):
+            raise ValueError(f"path='gemv' supports p in (1, 2), got p={kw.p}; use path='fma'")
         if cfg.path == "gemv" and cb not in _gemv.BYTE_CODE_BITS:
             raise ValueError(
                 f"path='gemv' needs code_bits in {_gemv.BYTE_CODE_BITS}, got {cb} (p={p}, "
