@@ -78,7 +78,7 @@ def grid_values(p: int, n: int) -> tuple:
     if p == 1:
         return tuple((float(v),) for v in lloyd_1d(n))
     rng = np.random.default_rng(n)
-    return tuple(tuple(float(v) for v in row) for row in rng.normal(size=(n, 2)))
+    return tuple(tuple(float(v) for v in row) for row in rng.normal(size=(n, p)))
 
 
 def random_weight(key, k: int, n_cols: int, p: int, n: int) -> KernelPackedWeight:

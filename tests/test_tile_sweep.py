@@ -33,10 +33,11 @@ def test_bad_shape_is_named(capsys):
     assert "4096by4096" in capsys.readouterr().err
 
 
-def test_knob_sweep_smoke_checks_every_mode(tmp_path):
-    assert tile_sweep.main(["--out", str(tmp_path), "--smoke", "--knobs"]) == 0
+@pytest.mark.parametrize("grid", ["p2_4b", "p4_3b"])
+def test_knob_sweep_smoke_checks_every_mode(tmp_path, grid):
+    assert tile_sweep.main(["--out", str(tmp_path), "--smoke", "--knobs", "--grids", grid]) == 0
     rows = json.loads((tmp_path / "tile_sweep.json").read_text())["rows"]
-    cands = tile_sweep.knob_candidates(1, 512, 256, 2, 256)
+    cands = tile_sweep.knob_candidates(1, 512, 256, *tile_sweep.GRIDS[grid])
     assert len(rows) == len(cands) == 12  # 2 tilings x 3 word-load modes x 2 FMA forms
     assert {(r["words"], r["fused_fma"]) for r in rows} == {
         (w, f) for w in ("lazy", "eager", "prefetch") for f in (False, True)
