@@ -501,7 +501,50 @@ def child_argv(args: argparse.Namespace, job: str) -> list[str]:
         argv += ["--compile-cache", args.compile_cache]
     if args.fuse:
         argv.append("--fuse")
+    if args.kernel_options:
+        argv += ["--kernel-options", *args.kernel_options]
     return argv
+
+
+#: `Config` fields ``--kernel-options`` may set, with their parsers.
+KERNEL_OPTIONS = {"words": str, "fused_fma": lambda v: {"0": False, "1": True}[v]}
+
+
+def parse_kernel_options(items: Sequence[str]) -> dict:
+    """``["words=eager", "fused_fma=1"]`` -> {"words": "eager", "fused_fma": True} (validated)."""
+    from pallas_kernels.higgs_matmul.config import Config
+
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or key not in KERNEL_OPTIONS:
+            raise ValueError(
+                f"--kernel-options entries must be KEY=VALUE with KEY in {sorted(KERNEL_OPTIONS)}, "
+                f"got {item!r}"
+            )
+        try:
+            out[key] = KERNEL_OPTIONS[key](val)
+        except KeyError:
+            raise ValueError(f"--kernel-options {key} must be 0 or 1, got {val!r}") from None
+    Config(**out)  # raises ValueError naming a bad value
+    return out
+
+
+def apply_kernel_options(options: dict) -> None:
+    """In this (child) process, every heuristic M <= 8 kernel config gets ``options``: the
+    model's matmuls call `default_config` through the wrapper, so the timed decode step runs
+    exactly these kernels. Benchmark-only; the library's defaults are untouched elsewhere."""
+    import dataclasses
+
+    from pallas_kernels.higgs_matmul import wrapper
+
+    base = wrapper.default_config
+
+    def patched(m, k, n, p, bits):
+        cfg = base(m, k, n, p, bits)
+        return dataclasses.replace(cfg, **options) if cfg.path == "fma" else cfg
+
+    wrapper.default_config = patched
 
 
 def run_subprocess(args: argparse.Namespace, job: str, timeout_s: float) -> list[dict]:
@@ -580,7 +623,8 @@ def render_markdown(results: dict) -> str:
         "",
         f"- command: `{m['command']}`",
         f"- model: {m['model']}; {m['layers_note']}"
-        + ("; q/k/v and gate/up fused (one matmul each)" if m.get("fused_projections") else ""),
+        + ("; q/k/v and gate/up fused (one matmul each)" if m.get("fused_projections") else "")
+        + (f"; kernel options {m['kernel_options']}" if m.get("kernel_options") else ""),
         (
             f"- decode step: one new token per row, KV cache length S={m['cache_len']} holding "
             f"ctx={m['ctx']} tokens (attention spans all S slots, masked); R={m['reps']} steps per "
@@ -647,10 +691,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="fuse q/k/v and gate/up into one matmul each (higgs_jax.fuse), every variant",
     )
     ap.add_argument("--compile-cache", default=None, help="persistent jax compilation cache dir")
+    ap.add_argument(
+        "--kernel-options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the M <= 8 kernel defaults of every quantized variant, e.g. words=eager "
+        "fused_fma=1 (pallas_kernels.higgs_matmul.Config fields)",
+    )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for v in args.variants:
         variant_spec(v)
+    args.kernel_options_parsed = parse_kernel_options(args.kernel_options)
     if args.ctx is None:
         args.ctx = 8 if args.tiny else 128
     if args.cache_len is None:
@@ -674,6 +727,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
     if args.one:
+        if args.kernel_options_parsed:
+            apply_kernel_options(args.kernel_options_parsed)
         for rec in run_one(args, args.one):
             print(RESULT_PREFIX + json.dumps(rec), flush=True)
         return {}
@@ -709,6 +764,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "batches": args.batches,
         "variants": args.variants,
         "fused_projections": bool(args.fuse),
+        "kernel_options": args.kernel_options_parsed,
         "separate_processes": not args.in_process,
     }
     log(

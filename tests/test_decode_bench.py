@@ -152,3 +152,30 @@ def test_fused_variant_rows_say_so():
     args = db.parse_args(["--tiny", "--layers", "1", "--batches", "1", "--fuse", "--reps", "2"])
     rows = list(db.run_variant(args, "p2_4b"))
     assert rows and all(r["fused_projections"] for r in rows)
+
+
+def test_kernel_options_parse_and_reject():
+    from benchmarks import decode_bench
+
+    assert decode_bench.parse_kernel_options(["words=eager", "fused_fma=1"]) == {
+        "words": "eager",
+        "fused_fma": True,
+    }
+    with pytest.raises(ValueError, match="'speed=fast'"):
+        decode_bench.parse_kernel_options(["speed=fast"])
+    with pytest.raises(ValueError, match="fused_fma must be 0 or 1, got 'yes'"):
+        decode_bench.parse_kernel_options(["fused_fma=yes"])
+    with pytest.raises(ValueError, match="words must be one of"):
+        decode_bench.parse_kernel_options(["words=early"])
+
+
+def test_kernel_options_reach_the_default_config(monkeypatch):
+    from benchmarks import decode_bench
+    from pallas_kernels.higgs_matmul import wrapper
+
+    monkeypatch.setattr(wrapper, "default_config", wrapper.default_config)  # restored after
+    decode_bench.apply_kernel_options({"words": "prefetch", "fused_fma": True})
+    cfg = wrapper.default_config(1, 4096, 4096, 2, 4)
+    assert cfg.words == "prefetch" and cfg.fused_fma
+    dot = wrapper.default_config(64, 4096, 4096, 2, 4)  # the M > 8 path keeps its defaults
+    assert dot.path == "dot" and dot.words == "lazy" and not dot.fused_fma
