@@ -29,7 +29,7 @@ from pallas_kernels.higgs_matmul import (
 from pallas_kernels.higgs_matmul.reference import decode_rotated
 from pallas_kernels.higgs_matmul.repack import SUPPORTED, pack_kernel_words, unpack_kernel_words
 
-GRIDS = sorted(SUPPORTED)  # (p, n): p in {1, 2} x bits in {2, 3, 4}
+GRIDS = sorted(SUPPORTED)  # (p, n): p in {1, 2} x bits in {2, 3, 4}, p = 4 x bits in {2, 3}
 # Relative (Frobenius) tolerance vs the f32 reference, keyed by the kernel's operand precision:
 # the fma path multiplies in f32; the dot path feeds bf16/f16 operands to the tensor cores.
 TOL = {
@@ -861,3 +861,12 @@ def test_kernel_profile_rejects_unknown_paths(capsys):
         kernel_profile.main(["--out", "/tmp/kp_bad", "--paths", "wide,bogus"])
     assert e.value.code == 2
     assert "unknown entries ['bogus']" in capsys.readouterr().err
+
+
+def test_p4_grids_supported_and_gemv_refuses_them():
+    assert SUPPORTED[(4, 256)] == 8 and SUPPORTED[(4, 4096)] == 12
+    w = make_weight(256, 16, 4, 256)
+    x = jnp.zeros((1, 256), jnp.bfloat16)
+    cfg = Config(block_n=16, block_k=128, split_k=1, path="gemv")
+    with pytest.raises(ValueError, match="path='gemv' supports p in \\(1, 2\\), got p=4"):
+        higgs_matmul_pallas(x, w, config=cfg, interpret=True)
