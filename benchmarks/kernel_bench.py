@@ -106,6 +106,15 @@ def random_weight(key, k: int, n_cols: int, p: int, n: int) -> KernelPackedWeigh
     )
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"4096x14336"`` -> (4096, 14336); ValueError naming ``text`` otherwise."""
+    try:
+        k, n = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise ValueError(f"shapes must look like 4096x4096, got {text!r}") from None
+    return k, n
+
+
 def n_copies(nbytes: int) -> int:
     return int(min(8, max(2, math.ceil(L2_DEFEAT_BYTES / max(nbytes, 1)))))
 

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode_bench import _higgs_leaf  # noqa: E402
-from benchmarks.kernel_bench import n_copies  # noqa: E402
+from benchmarks.kernel_bench import n_copies, parse_shape  # noqa: E402
 from higgs_jax.config import HiggsConfig  # noqa: E402
 from higgs_jax.matmul import higgs_matmul_xla  # noqa: E402
 from pallas_kernels.higgs_matmul import higgs_matmul_pallas, repack  # noqa: E402
@@ -50,10 +50,9 @@ def main(argv=None) -> int:
     shapes = []
     for s in ["512x256"] if args.smoke else args.shapes:
         try:
-            k, n = (int(v) for v in s.split("x"))
-        except ValueError:
-            ap.error(f"--shapes entries must look like 4096x4096, got {s!r}")
-        shapes.append((k, n))
+            shapes.append(parse_shape(s))
+        except ValueError as e:
+            ap.error(f"--shapes entries: {e}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {

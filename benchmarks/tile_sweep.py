@@ -27,7 +27,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernel_bench import n_copies, random_weight, weight_bytes  # noqa: E402
+from benchmarks.kernel_bench import (  # noqa: E402
+    n_copies,
+    parse_shape,
+    random_weight,
+    weight_bytes,
+)
 from pallas_kernels.higgs_matmul import default_config, higgs_matmul_pallas  # noqa: E402
 from pallas_kernels.higgs_matmul.autotune import time_device  # noqa: E402
 from pallas_kernels.higgs_matmul.config import split_k_for  # noqa: E402
@@ -106,10 +111,9 @@ def main(argv=None) -> int:
     shapes = []
     for s in args.shapes:
         try:
-            k, n = (int(v) for v in s.split("x"))
-        except ValueError:
-            ap.error(f"--shapes entries must look like 4096x4096, got {s!r}")
-        shapes.append((k, n))
+            shapes.append(parse_shape(s))
+        except ValueError as e:
+            ap.error(f"--shapes entries: {e}")
     if args.smoke:
         shapes = [(512, 256)]
     out = Path(args.out)

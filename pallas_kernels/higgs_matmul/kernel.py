@@ -332,25 +332,28 @@ def higgs_matmul_kernel(
         "mask_cols": mask_cols,
     }
 
+    def load_word(u0, t, mask):  # word row t of the tile of units [u0, u0 + BKU): (BKU, BN)
+        ref = w_ref.at[pl.ds(u0, bku), jnp.int32(t), pl.ds(n0, bn)]
+        return _compat.load(ref, mask=mask, other=0)
+
     def load_words(u0, mask):
-        out = []
-        for t in range(cb):
-            ref = w_ref.at[pl.ds(u0, bku), jnp.int32(t), pl.ds(n0, bn)]
-            out.append(_compat.load(ref, mask=mask, other=0))
-        return tuple(out)
+        return tuple(load_word(u0, t, mask) for t in range(cb))
 
     def first_unit(it):
         return pl.multiple_of((s * steps + it) * bku, bku)
 
+    def unit_rows(u0):
+        return u0 + lax.broadcasted_iota(jnp.int32, (bku,), 0)
+
     def step(it, carry):
         state, ahead = carry
         u0 = first_unit(it)
-        rows = u0 + lax.broadcasted_iota(jnp.int32, (bku,), 0)
+        rows = unit_rows(u0)
         if words == "prefetch" and path != "wide":
             # Issue the next tile's loads first; off the end of this program's range they are
             # masked off entirely (no memory traffic).
             u1 = u0 + bku
-            m1 = tile_mask(u1 + lax.broadcasted_iota(jnp.int32, (bku,), 0), cols, **mask_kw)
+            m1 = tile_mask(unit_rows(u1), cols, **mask_kw)
             live = jnp.broadcast_to(it + 1 < steps, (bku, bn))
             nxt = load_words(u1, live if m1 is None else (m1 & live))
         else:
@@ -391,8 +394,7 @@ def higgs_matmul_kernel(
 
         def word(t):
             if t not in loaded:
-                ref = w_ref.at[pl.ds(u0, bku), jnp.int32(t), pl.ds(n0, bn)]
-                loaded[t] = _compat.load(ref, mask=mask, other=0)
+                loaded[t] = load_word(u0, t, mask)
             return loaded[t]
 
         def xrow(m, d, c):  # (BKU, BN) f32 broadcast of one activation plane (fma path)
@@ -461,7 +463,7 @@ def higgs_matmul_kernel(
 
     if words == "prefetch" and path != "wide":
         u_first = first_unit(0)
-        m0 = tile_mask(u_first + lax.broadcasted_iota(jnp.int32, (bku,), 0), cols, **mask_kw)
+        m0 = tile_mask(unit_rows(u_first), cols, **mask_kw)
         ahead0 = load_words(u_first, m0)
     else:
         ahead0 = ()

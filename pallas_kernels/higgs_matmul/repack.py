@@ -6,8 +6,7 @@ U = ceil(Kc / 32) units per column.
 
 Kernel layout: ``words: uint32[U, cb, N]``. A code of width cb is split into parts of widths
 that divide 32 (2 -> (2,), 3 -> (2, 1), 4 -> (4,), 6 -> (4, 2), 8 -> (8,), 12 -> (8, 4)); part j
-holds the
-code bits ``[o_j, o_j + w_j)`` where ``o_j`` is the sum of the earlier widths. Part j of unit u
+holds the code bits ``[o_j, o_j + w_j)`` where ``o_j`` is the sum of the earlier widths. Part j of unit u
 takes the ``w_j`` consecutive word rows starting at ``sum of earlier widths``; in its word t the
 field ``[s*w_j, (s+1)*w_j)`` holds that part of code ``32*u + t*(32/w_j) + s``. No field straddles
 a word, so the kernel extracts a code with one shift and one mask per part.
@@ -39,7 +38,7 @@ SUPPORTED = {
 }
 #: (p, n) -> code bits; the (p, bits) pairs the kernel supports: p in {1, 2} x bits in {2, 3, 4},
 #: and p = 4 at 2 and 3 bits (n = 256, 4096: lower Gaussian MSE than p = 1, 2 at the same bits,
-#: and a quarter of the lookups per weight of p = 1).
+#: but slower lookups from their larger tables: docs/KERNELS.md, session 5).
 
 _PARTS = {2: (2,), 3: (2, 1), 4: (4,), 6: (4, 2), 8: (8,), 12: (8, 4)}
 
