@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--smoke", action="store_true", help="tiny shape, interpret mode (CPU)")
     args = ap.parse_args(argv)
+    if not 1 <= args.m <= 256:
+        ap.error(f"--m must be in 1..256 (the kernel's row range), got {args.m}")
+    if args.reps < 1:
+        ap.error(f"--reps must be >= 1, got {args.reps}")
     shapes = []
     for s in ["512x256"] if args.smoke else args.shapes:
         try:

@@ -24,3 +24,10 @@ def test_bad_shape_is_named(capsys):
     with pytest.raises(SystemExit):
         route_bench.main(["--out", "/tmp/rb_bad", "--shapes", "4096by4096"])
     assert "4096by4096" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--m", "0"), ("--m", "300"), ("--reps", "0")])
+def test_bad_rows_or_reps_are_named(capsys, flag, value):
+    with pytest.raises(SystemExit):
+        route_bench.main(["--out", "/tmp/rb_bad", flag, value])
+    assert f"got {value}" in capsys.readouterr().err

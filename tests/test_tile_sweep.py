@@ -45,3 +45,10 @@ def test_knob_sweep_smoke_checks_every_mode(tmp_path, grid):
     for r in rows:
         assert "error" not in r, r
         assert r["rel_err"] < 2e-2
+
+
+@pytest.mark.parametrize("flag,value", [("--m", "0"), ("--reps", "-1")])
+def test_bad_rows_or_reps_are_named(capsys, flag, value):
+    with pytest.raises(SystemExit):
+        tile_sweep.main(["--out", "/tmp/ts_bad", flag, value])
+    assert f"got {value}" in capsys.readouterr().err
