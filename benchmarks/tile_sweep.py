@@ -8,6 +8,7 @@ cycling through enough weight copies to defeat the 50 MB L2). Results are writte
 candidate (a time limit keeps what was measured).
 
 Usage (GPU): PYTHONPATH=. python benchmarks/tile_sweep.py --out $OUT [--budget-s 500] [--knobs]
+             [--decoders auto regtab] (decoders x tilings x fused FMA)
 CPU smoke:   PYTHONPATH=. python benchmarks/tile_sweep.py --out /tmp/ts --smoke
 """
 
@@ -35,13 +36,16 @@ from benchmarks.kernel_bench import (  # noqa: E402
 )
 from pallas_kernels.higgs_matmul import default_config, higgs_matmul_pallas  # noqa: E402
 from pallas_kernels.higgs_matmul.autotune import time_device  # noqa: E402
-from pallas_kernels.higgs_matmul.config import split_k_for  # noqa: E402
+from pallas_kernels.higgs_matmul.config import TARGET_PROGRAMS, split_k_for  # noqa: E402
 from pallas_kernels.higgs_matmul.reference import higgs_matmul_reference  # noqa: E402
 from pallas_kernels.higgs_matmul.repack import SUPPORTED  # noqa: E402
 
 #: The four linears of a fused 8B decoder layer: qkv, o, gate_up, down.
 SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
 GRIDS = {
+    "p1_4b": (1, 16),
+    "p1_3b": (1, 8),
+    "p1_2b": (1, 4),
     "p2_4b": (2, 256),
     "p2_3b": (2, 64),
     "p2_2b": (2, 16),
@@ -92,6 +96,28 @@ def knob_candidates(m: int, k: int, n: int, p: int, n_grid: int) -> list:
     return list(dict.fromkeys(out))
 
 
+def decoder_candidates(m: int, k: int, n: int, p: int, n_grid: int, decoders) -> list:
+    """The default config, then each decoder at 4, 8 and 16 units per step (split-K re-derived
+    as `default_config` does, 2-bit codes with twice the program target) x separate or fused
+    multiply-adds."""
+    cb = SUPPORTED[(p, n_grid)]
+    base = default_config(m, k, n, p, cb / p)
+    units = -(-(-(-k // p)) // 32)
+    target = TARGET_PROGRAMS * (2 if cb == 2 else 1)
+    out = [base]
+    for decode in decoders:
+        for bku in (4, 8, 16):
+            steps_total = -(-units // bku)
+            split = split_k_for(steps_total, -(-n // base.block_n), target)
+            for fused in (False, True):
+                out.append(
+                    dataclasses.replace(
+                        base, block_k=bku * 32 * p, split_k=split, decode=decode, fused_fma=fused
+                    )
+                )
+    return list(dict.fromkeys(out))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -103,6 +129,12 @@ def main(argv=None) -> int:
         "--knobs",
         action="store_true",
         help="sweep word-load modes x fused FMA on two tilings instead of the tiling grid",
+    )
+    ap.add_argument(
+        "--decoders",
+        nargs="+",
+        default=None,
+        help="sweep these Config.decode values (x 3 tilings x fused FMA) instead of the tiling grid",
     )
     ap.add_argument("--reps", type=int, default=64)
     ap.add_argument("--budget-s", type=float, default=480)
@@ -147,7 +179,9 @@ def main(argv=None) -> int:
             ]
             x = jax.random.normal(jax.random.fold_in(key, 99), (args.m, k), jnp.bfloat16)
             ref = np.asarray(higgs_matmul_reference(x.astype(jnp.float32), kw0), np.float64)
-            if args.knobs:
+            if args.decoders:
+                cands = decoder_candidates(args.m, k, n, p, n_grid, args.decoders)
+            elif args.knobs:
                 cands = knob_candidates(args.m, k, n, p, n_grid)
             else:
                 cands = candidates(args.m, k, n, p, n_grid, args.full)
@@ -172,7 +206,8 @@ def main(argv=None) -> int:
                 print(
                     f"{gname} {k}x{n} bn={cfg.block_n} bku={cfg.block_k // (32 * p)} "
                     f"split={cfg.split_k} warps={cfg.num_warps} words={cfg.words} "
-                    f"fused={int(cfg.fused_fma)}{' (default)' if i == 0 else ''}: "
+                    f"fused={int(cfg.fused_fma)} decode={cfg.decode}"
+                    f"{' (default)' if i == 0 else ''}: "
                     + (
                         f"{row['us']:.1f} us" if "us" in row else row.get("error", "ok (no timing)")
                     ),
@@ -194,7 +229,8 @@ def main(argv=None) -> int:
             lines.append(
                 f"| {gname} | {k}x{n} | {d[0]['us']:.1f} | {b['us']:.1f} | bn={b['block_n']} "
                 f"bk={b['block_k']} split={b['split_k']} warps={b['num_warps']} "
-                f"words={b.get('words', 'lazy')} fused={int(b.get('fused_fma', False))} | "
+                f"words={b.get('words', 'lazy')} fused={int(b.get('fused_fma', False))} "
+                f"decode={b.get('decode', 'auto')} | "
                 f"{d[0]['us'] / b['us']:.2f}x |"
             )
     text = "\n".join(lines)

@@ -159,3 +159,17 @@ def fma_f32(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax
         result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.float32)],
     )
     return out
+
+
+def inline_asm(
+    text: str, constraints: str, args: list, out_dtypes: list, shape: tuple[int, ...]
+) -> list:
+    """Elementwise inline PTX over same-shaped ``args`` (one element per asm instance)."""
+    outs = _plgpu().elementwise_inline_asm(
+        text,
+        args=args,
+        constraints=constraints,
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, d) for d in out_dtypes],
+    )
+    return list(outs)

@@ -168,13 +168,14 @@ def _check_against_reference(
     r = higgs_matmul_reference(x.astype(jnp.float32), w, bias=b)
     assert y.shape == (m, n_cols) and y.dtype == dtype
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
-    # gather_pair / byte tables store the grid as bf16: bf16-level error even on the f32 path.
+    # gather_pair / byte / regtab tables hold the grid at bf16 precision: bf16-level error even
+    # on the f32 path.
     if decode == "auto" and path != "gemv":
         from pallas_kernels.higgs_matmul.repack import repack as _repack
         from pallas_kernels.higgs_matmul.wrapper import resolve_decode
 
         decode = resolve_decode("auto", _repack(w))[0]
-    tol = max(TOL[path][dtype], 1e-2 if decode in ("gather_pair", "byte") else 0.0)
+    tol = max(TOL[path][dtype], 1e-2 if decode in ("gather_pair", "byte", "regtab") else 0.0)
     assert rel_err(y, r) < tol, rel_err(y, r)
 
 
@@ -329,6 +330,73 @@ def test_pair_decoder_rejects_3bit_codes():
     cfg = _cfg("fma", 1, "gather_pair")
     with pytest.raises(ValueError, match="code_bits=3"):
         higgs_matmul_pallas(jnp.zeros((1, 96)), w, config=cfg, interpret=True)
+
+
+REGTAB_CASES = [  # (path, M, x dtype, K, n): every p = 1 code width, odd K, M > dot block
+    ("fma", 1, jnp.bfloat16, 200, 4),
+    ("fma", 1, jnp.bfloat16, 200, 8),
+    ("fma", 1, jnp.bfloat16, 200, 16),
+    ("fma", 3, jnp.float16, 129, 8),
+    ("fma", 5, jnp.float32, 96, 16),
+    ("dot", 20, jnp.bfloat16, 200, 4),
+    ("dot", 20, jnp.float16, 129, 8),
+]
+
+
+@pytest.mark.parametrize("path,m,dtype,k,n", REGTAB_CASES)
+def test_regtab_decoder(path, m, dtype, k, n):
+    """Register-table decoding (PTX byte permutes; emulated op for op in interpret mode)."""
+    _check_against_reference(1, n, path, m, dtype, k, decode="regtab")
+
+
+@pytest.mark.parametrize("n", [4, 8, 16])
+@pytest.mark.parametrize("fused_fma,words", [(True, "lazy"), (False, "eager")])
+def test_regtab_decoder_options(n, fused_fma, words):
+    _check_against_reference(
+        1, n, "fma", 3, jnp.bfloat16, 200, decode="regtab", fused_fma=fused_fma, words=words
+    )
+
+
+def _with_grid(w: KernelPackedWeight, grid) -> KernelPackedWeight:
+    gv = tuple((float(v),) for v in np.asarray(grid, np.float32))
+    return dataclasses.replace(w, grid_values=gv)
+
+
+@pytest.mark.parametrize("n", [4, 8, 16])
+def test_regtab_identity_is_exact_on_its_effective_grid(n):
+    """x = I returns every decoded weight: exactly effective_grid[code] * scale (the values the
+    byte tables can express), and within 2^-8 relative of the true grid."""
+    from pallas_kernels.higgs_matmul import regtab
+
+    k = 32 * 4
+    w = make_weight(k, 32, 1, n, g=32, seed=11)
+    w_eff = _with_grid(w, regtab.effective_grid(w.grid_values))
+    x = jnp.eye(k, dtype=jnp.float32)
+    cfg = dataclasses.replace(_cfg("fma", 1, "regtab"), split_k=1)
+    got = jnp.concatenate(
+        [
+            higgs_matmul_pallas(x[i : i + 8], w_eff, config=cfg, interpret=not _on_gpu())
+            for i in range(0, k, 8)
+        ]
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(decode_rotated(w_eff)))
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(decode_rotated(w)), rtol=2.0**-8, atol=0
+    )
+
+
+def test_regtab_bad_input():
+    x = jnp.zeros((1, 128), jnp.float32)
+    with pytest.raises(ValueError, match="p=1 with code_bits"):
+        higgs_matmul_pallas(x, make_weight(128, 16, 2, 16), config=_cfg("fma", 2, "regtab"),
+                            interpret=True)
+    with pytest.raises(ValueError, match="path='fma' or 'dot'"):
+        cfg = dataclasses.replace(_cfg("fma", 1, "regtab"), path="wide")
+        higgs_matmul_pallas(x, make_weight(128, 16, 1, 4), config=cfg, interpret=True)
+    skew = make_weight(128, 16, 1, 16)
+    skew = _with_grid(skew, np.linspace(-1.0, 2.0, 16))  # not symmetric about 0
+    with pytest.raises(ValueError, match="symmetric"):
+        higgs_matmul_pallas(x, skew, config=_cfg("fma", 1, "regtab"), interpret=True)
 
 
 @pytest.mark.parametrize("p,n", [(1, 16), (2, 64)])
@@ -755,6 +823,22 @@ def test_gpu_decoders(p, n, decode):
     if decode == "select" and n > 64:
         pytest.skip("select tree of 255 nodes: not a candidate")
     _check_against_reference(p, n, "fma", 1, jnp.bfloat16, 200, decode=decode)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("path,m,dtype,k,n", REGTAB_CASES)
+def test_gpu_regtab_decoder(path, m, dtype, k, n):
+    test_regtab_decoder(path, m, dtype, k, n)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("n", [4, 8, 16])
+def test_gpu_regtab_identity_and_options(n):
+    test_regtab_identity_is_exact_on_its_effective_grid(n)
+    for fused_fma, words in ((True, "lazy"), (False, "eager")):
+        test_regtab_decoder_options(n, fused_fma, words)
 
 
 @pytest.mark.gpu

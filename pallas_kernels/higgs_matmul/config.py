@@ -10,7 +10,7 @@ import dataclasses
 
 PATHS = ("fma", "dot", "gemv", "wide")
 WORD_LOADS = ("lazy", "eager", "prefetch")
-DECODES = ("auto", "poly", "select", "gather", "gather_pair", "byte", "code")
+DECODES = ("auto", "poly", "select", "gather", "gather_pair", "regtab", "byte", "code")
 MAX_M = 256
 #: Largest M (after padding to a power of two) the CUDA-core (fma) path handles.
 MAX_FMA_M = 8
@@ -39,7 +39,9 @@ class Config:
       decode: how a code becomes a grid value: "poly" (exact interpolating polynomial of the
         symmetric 1-D grid's magnitudes), "select" (select tree on the code bits, constants
         compiled in), "gather" (f32 LUT gather), "gather_pair" (p=2: one 32-bit gather returns
-        both coordinates as a bf16 pair), or "auto"; on the "gemv" path "byte" (one lookup per
+        both coordinates as a bf16 pair), "regtab" (p = 1 with 2-, 3- or 4-bit codes, "fma" and
+        "dot" paths: the grid as byte tables in registers, decoded with PTX byte permutes, no
+        memory lookups; `regtab.py`), or "auto"; on the "gemv" path "byte" (one lookup per
         byte of codes in 256-entry pair tables) or "code" (one lookup per code in an n-entry
         table) or "auto".
       volatile: "gemv" path: prefetch the next tile's words with volatile loads, which keeps

@@ -39,7 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels.higgs_matmul.repack import code_parts
+from pallas_kernels.higgs_matmul import regtab as _regtab
+from pallas_kernels.higgs_matmul.repack import code_parts, part_shifts
 
 _MAGIC = np.uint32(
     0x4B000000
@@ -241,7 +242,17 @@ def wide_codes(w_ref, u0, n0, mask, *, bku: int, bn: int, cb: int, pair: bool):
         fw = 2 * w if pair else w
         per = 32 // fw  # fields per word
         slot = lax.broadcasted_iota(jnp.int32, (1, 1, per, 1), 2).astype(jnp.uint32)
-        field = (words.reshape(bku, w, 1, bn) >> (slot * np.uint32(fw))) & np.uint32((1 << fw) - 1)
+        if cb == 3 and w == 1:
+            # bit 2 of code s sits at repack.bit2_position(s) = 4 ((s & 15) >> 1) + 2 - 2 (s >> 4)
+            # + (s & 1), i.e. 2 (s & 14) + 2 (1 - (s >> 4)) + (s & 1)
+            shift = (
+                (slot & np.uint32(14)) * np.uint32(2)
+                + (np.uint32(1) - (slot >> np.uint32(4))) * np.uint32(2)
+                + (slot & np.uint32(1))
+            )
+        else:
+            shift = slot * np.uint32(fw)
+        field = (words.reshape(bku, w, 1, bn) >> shift) & np.uint32((1 << fw) - 1)
         field = field.reshape(bku, w * per, bn)
         code = field if code is None else code | (field << np.uint32(offset))
         row0 += w
@@ -407,13 +418,42 @@ def higgs_matmul_kernel(
             acc = state
         pair1 = decode == "gather_pair" and p == 1
         fused_pair = fused_fma and path == "fma" and decode == "gather_pair"
-        for c in range(0, 32, 2 if pair1 else 1):
+        dot_acc = [None if path == "fma" else acc]
+
+        def consume(vals, slots):  # decoded (BKU, BN) values of (coordinate, plane) slots
+            for v, (d, cc) in zip(vals, slots):
+                if path == "fma":
+                    for m in range(m_rows):
+                        if fused_fma:
+                            partial[m] = _compat.fma_f32(
+                                xrow(m, d, cc), v, partial[m], interpret=interpret
+                            )
+                        else:
+                            xs = x_plane(x_ref, m, d, cc, u0, bku=bku, xblk=xblk)
+                            partial[m] = partial[m] + xs.astype(jnp.float32)[:, None] * v
+                else:
+                    xs = x_plane(x_ref, pl.ds(i * bm, bm), d, cc, u0, bku=bku, xblk=xblk)
+                    wv = (v * scl).astype(xs.dtype)  # (BM, BKU) x (BKU, BN)
+                    dot_acc[0] = dot_acc[0] + jnp.dot(xs, wv, preferred_element_type=jnp.float32)
+
+        if decode == "regtab":
+            # Register tables (regtab.py): one inline-PTX block per word (two for 3-bit codes)
+            # decodes all its codes with byte permutes; no memory lookups.
+            for prog, rows_t, first in _regtab.jobs(grid_values, cb):
+                vals = _regtab.decode_words(
+                    prog, [word(t) for t in rows_t], interpret=interpret
+                )
+                consume(vals, tuple((0, first + j) for j in range(len(vals))))
+            planes = range(0)
+        else:
+            planes = range(0, 32, 2 if pair1 else 1)
+        for c in planes:
             code = None
             row0, offset = 0, 0
-            for w in parts:
+            for w, shifts in zip(parts, part_shifts(cb)):
                 fw = 2 * w if pair1 else w  # p = 1 pairs: codes c, c+1 of one word, one field
                 cpw = 32 // w
-                field = (word(row0 + c // cpw) >> np.uint32((c % cpw) * w)) & np.uint32(
+                field = (word(row0 + c // cpw) >> np.uint32(shifts[c % cpw])) & np.uint32(
                     (1 << fw) - 1
                 )
                 code = field if code is None else code | (field << np.uint32(offset))
@@ -443,23 +483,10 @@ def higgs_matmul_kernel(
                     code, lut_ref, decode=decode, cb=cb, p=p, grid_values=grid_values, coef=coef
                 )
                 slots = tuple((d, c) for d in range(p))
-            for v, (d, cc) in zip(vals, slots):
-                if path == "fma":
-                    for m in range(m_rows):
-                        if fused_fma:
-                            partial[m] = _compat.fma_f32(
-                                xrow(m, d, cc), v, partial[m], interpret=interpret
-                            )
-                        else:
-                            xs = x_plane(x_ref, m, d, cc, u0, bku=bku, xblk=xblk)
-                            partial[m] = partial[m] + xs.astype(jnp.float32)[:, None] * v
-                else:
-                    xs = x_plane(x_ref, pl.ds(i * bm, bm), d, cc, u0, bku=bku, xblk=xblk)
-                    wv = (v * scl).astype(xs.dtype)  # (BM, BKU) x (BKU, BN)
-                    acc = acc + jnp.dot(xs, wv, preferred_element_type=jnp.float32)
+            consume(vals, slots)
         if path == "fma":
             return tuple(state[m] + partial[m] * scl for m in range(m_rows)), nxt
-        return acc, nxt
+        return dot_acc[0], nxt
 
     if words == "prefetch" and path != "wide":
         u_first = first_unit(0)

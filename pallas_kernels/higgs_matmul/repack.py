@@ -9,7 +9,10 @@ that divide 32 (2 -> (2,), 3 -> (2, 1), 4 -> (4,), 6 -> (4, 2), 8 -> (8,), 12 ->
 holds the code bits ``[o_j, o_j + w_j)`` where ``o_j`` is the sum of the earlier widths. Part j of unit u
 takes the ``w_j`` consecutive word rows starting at ``sum of earlier widths``; in its word t the
 field ``[s*w_j, (s+1)*w_j)`` holds that part of code ``32*u + t*(32/w_j) + s``. No field straddles
-a word, so the kernel extracts a code with one shift and one mask per part.
+a word, so the kernel extracts a code with one shift and one mask per part. One exception: the
+1-bit part of 3-bit codes (word row 2) holds bit 2 of code c at bit `BIT2_POSITION` [c] rather
+than at bit c, the order in which the register-table decoder (`regtab`) needs those bits
+(`part_shifts` gives every part's field positions).
 
 For cb in {2, 4, 8} this is *bit-identical* to the `HiggsTensor` layout (docs/ARCHITECTURE.md)
 viewed as ``[U, cb, N]``: the repack is a free reshape. For cb in {3, 6, 12} (whose codes straddle
@@ -41,6 +44,34 @@ SUPPORTED = {
 #: but slower lookups from their larger tables: docs/KERNELS.md, session 5).
 
 _PARTS = {2: (2,), 3: (2, 1), 4: (4,), 6: (4, 2), 8: (8,), 12: (8, 4)}
+
+
+def bit2_position(c: int) -> int:
+    """Bit of word row 2 (3-bit codes) that holds bit 2 of code c (0..31) of a unit.
+
+    The register-table decoder builds prmt selectors with nibble i = code 2i (or 2i + 1) of word
+    row 0 (or 1); it needs each code's bit 2 at 4 i + 2. This order puts codes 2i, 2i + 1 at
+    4 i + 2, 4 i + 3 and codes 16 + 2i, 17 + 2i at 4 i, 4 i + 1, so one shift and one mask place
+    eight of them at once (`regtab`).
+    """
+    if not 0 <= c < 32:
+        raise ValueError(f"code index within a unit must be in 0..31, got {c}")
+    r, s = divmod(c, 16)
+    return 4 * (s // 2) + (2 - 2 * r) + (s % 2)
+
+
+BIT2_POSITION = tuple(bit2_position(c) for c in range(32))
+
+
+def part_shifts(code_bits: int) -> tuple[tuple[int, ...], ...]:
+    """Per part j: the bit offset, in its word, of field s (s < 32 / w_j)."""
+    out = []
+    for w in code_parts(code_bits):
+        if code_bits == 3 and w == 1:
+            out.append(BIT2_POSITION)
+        else:
+            out.append(tuple(s * w for s in range(32 // w)))
+    return tuple(out)
 
 
 def code_parts(code_bits: int) -> tuple[int, ...]:
@@ -130,11 +161,11 @@ def pack_kernel_words(codes: jax.Array, code_bits: int) -> jax.Array:
         c = jnp.pad(c, [(0, units * 32 - kc), (0, 0)])
     c = c.reshape(units, 32, ncols)
     out, offset = [], 0
-    for w in parts:
+    for w, sh in zip(parts, part_shifts(code_bits)):
         cpw = 32 // w
         field = (c >> np.uint32(offset)) & np.uint32((1 << w) - 1)
         field = field.reshape(units, w, cpw, ncols)
-        shifts = (np.arange(cpw, dtype=np.uint32) * np.uint32(w))[None, None, :, None]
+        shifts = np.asarray(sh, np.uint32)[None, None, :, None]
         # Fields are disjoint, so the sum is a bitwise OR.
         out.append(jnp.sum(field << shifts, axis=2, dtype=jnp.uint32))
         offset += w
@@ -147,10 +178,9 @@ def unpack_kernel_words(words: jax.Array, code_bits: int) -> jax.Array:
     units, _, ncols = words.shape
     code = jnp.zeros((units, 32, ncols), jnp.uint32)
     row, offset = 0, 0
-    for w in parts:
-        cpw = 32 // w
+    for w, sh in zip(parts, part_shifts(code_bits)):
         wd = words[:, row : row + w]  # (U, w, N)
-        shifts = (np.arange(cpw, dtype=np.uint32) * np.uint32(w))[None, None, :, None]
+        shifts = np.asarray(sh, np.uint32)[None, None, :, None]
         field = (wd[:, :, None, :] >> shifts) & np.uint32((1 << w) - 1)
         code = code | (field.reshape(units, 32, ncols) << np.uint32(offset))
         row += w

@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _compat
 from pallas_kernels.higgs_matmul import gemv as _gemv
 from pallas_kernels.higgs_matmul import kernel as _kernel
+from pallas_kernels.higgs_matmul import regtab as _regtab
 from pallas_kernels.higgs_matmul.config import MAX_FMA_M, MAX_M, Config, default_config
 from pallas_kernels.higgs_matmul.repack import SUPPORTED, KernelPackedWeight, repack
 
@@ -147,6 +148,14 @@ def resolve_decode(decode: str, kw: KernelPackedWeight) -> tuple[str, tuple[floa
         if mags is None:
             raise ValueError("decode='poly' needs a sorted, symmetric 1-D grid")
         return decode, _kernel.magnitude_poly(mags)
+    if decode == "regtab":
+        if kw.p != 1 or kw.code_bits not in _regtab.CODE_BITS:
+            raise ValueError(
+                f"decode='regtab' needs p=1 with code_bits in {_regtab.CODE_BITS}; got p={kw.p}, "
+                f"code_bits={kw.code_bits}"
+            )
+        _regtab.program(kw.grid_values)  # validates the grid (16 points: symmetric)
+        return decode, ()
     if decode == "gather_pair" and kw.p not in (2, 4) and not (kw.p == 1 and kw.code_bits in (2, 4)):
         raise ValueError(
             f"decode='gather_pair' needs p=2 or 4, or p=1 with 2- or 4-bit codes; got p={kw.p}, "
@@ -157,6 +166,8 @@ def resolve_decode(decode: str, kw: KernelPackedWeight) -> tuple[str, tuple[floa
 
 def _lut(decode: str, kw: KernelPackedWeight) -> jax.Array:
     gv = np.asarray(kw.grid_values, np.float32)  # (n, p)
+    if decode == "regtab":  # tables are immediates in the PTX; the operand is unused
+        return jnp.zeros((1,), jnp.float32)
     if decode == "gather_pair":
         bits = gv.astype(jnp.bfloat16).view(np.uint16).astype(np.uint32)
         if kw.p == 1:
@@ -300,6 +311,8 @@ def launch_kernel(
     n_out = -(-N // bn) * bn
     if cfg.path != "gemv" and cfg.decode in ("byte", "code"):
         raise ValueError(f"decode={cfg.decode!r} is for path='gemv', got path={cfg.path!r}")
+    if cfg.decode == "regtab" and cfg.path not in ("fma", "dot"):
+        raise ValueError(f"decode='regtab' runs on path='fma' or 'dot', got path={cfg.path!r}")
     decode, coef = resolve_decode(cfg.decode if cfg.path != "gemv" else "auto", kw)
     common = dict(
         p=p,
