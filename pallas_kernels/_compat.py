@@ -161,15 +161,60 @@ def fma_f32(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax
     return out
 
 
+_MULTI_ASM_P = None
+
+
+def _multi_result_asm_primitive():
+    """A twin of Pallas Triton's ``elementwise_inline_asm_p`` whose lowering returns every result.
+
+    jax's own lowering rule (0.10 and 0.11.2) wraps the op's results in a one-element list, so
+    an asm block with several outputs fails to lower ("16 outvars do not match 1 outvals"). This
+    primitive binds the same ``tt.elementwise_inline_asm`` op and unpacks its results. Private
+    jax modules: keep this function the only place that touches them.
+    """
+    global _MULTI_ASM_P
+    if _MULTI_ASM_P is not None:
+        return _MULTI_ASM_P
+    with quiet_triton_deprecation():
+        from jax._src import core as jax_core
+        from jax._src.lib.triton import dialect as tt_dialect
+        from jax._src.pallas.triton import lowering as tl_lowering
+        from jax.interpreters import mlir
+
+    prim = jax_core.Primitive("higgs_multi_result_inline_asm")
+    prim.multiple_results = True
+
+    @prim.def_abstract_eval
+    def _abstract(*avals, result_shape_dtypes, **_):
+        if not all(a.shape == avals[0].shape for a in avals):
+            raise ValueError("all arguments of an elementwise inline asm need the same shape")
+        return [jax_core.ShapedArray(s.shape, s.dtype) for s in result_shape_dtypes]
+
+    def _lower(ctx, *args, asm, constraints, pack, result_shape_dtypes):
+        del result_shape_dtypes
+        types = [mlir.aval_to_ir_type(ctx.context.mlir_ctx, a) for a in ctx.avals_out]
+        op = tt_dialect.ElementwiseInlineAsmOp(
+            types, asm, constraints=constraints, pure=True, packed_element=pack, args=args
+        )
+        return list(op.results)
+
+    tl_lowering.register_lowering(prim)(_lower)
+    _MULTI_ASM_P = prim
+    return prim
+
+
 def inline_asm(
     text: str, constraints: str, args: list, out_dtypes: list, shape: tuple[int, ...]
 ) -> list:
-    """Elementwise inline PTX over same-shaped ``args`` (one element per asm instance)."""
-    outs = _plgpu().elementwise_inline_asm(
-        text,
-        args=args,
-        constraints=constraints,
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, d) for d in out_dtypes],
+    """Elementwise inline PTX over same-shaped ``args`` (one element per asm instance), any
+    number of results (see `_multi_result_asm_primitive`)."""
+    prim = _multi_result_asm_primitive()
+    return list(
+        prim.bind(
+            *args,
+            asm=text,
+            constraints=constraints,
+            pack=1,
+            result_shape_dtypes=tuple(jax.ShapeDtypeStruct(shape, d) for d in out_dtypes),
+        )
     )
-    return list(outs)

@@ -357,6 +357,21 @@ def test_regtab_decoder_options(n, fused_fma, words):
     )
 
 
+@pytest.mark.parametrize("n,path,m", [(4, "fma", 1), (8, "fma", 3), (16, "dot", 20)])
+def test_regtab_lowers_to_triton_without_a_gpu(n, path, m):
+    """The Triton lowering (inline PTX with 8-16 results per asm block) runs on a CPU-only
+    jaxlib: lowering for the "cuda" platform builds the Triton IR without compiling it. This
+    caught jax's own multi-result asm lowering bug before any GPU time was spent."""
+    from pallas_kernels.higgs_matmul import wrapper
+
+    w = make_weight(256, 128, 1, n)
+    cfg = _cfg(path, 1, "regtab")
+    x = jnp.zeros((m, 256), jnp.bfloat16)
+    traced = jax.jit(lambda x, w: wrapper._higgs_matmul(x, w, None, cfg, False)).trace(x, w)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "higgs_matmul_p1_cb" in text  # the kernel's custom call is in the module
+
+
 def _with_grid(w: KernelPackedWeight, grid) -> KernelPackedWeight:
     gv = tuple((float(v),) for v in np.asarray(grid, np.float32))
     return dataclasses.replace(w, grid_values=gv)
