@@ -174,7 +174,7 @@ def _check_against_reference(
         from pallas_kernels.higgs_matmul.repack import repack as _repack
         from pallas_kernels.higgs_matmul.wrapper import resolve_decode
 
-        decode = resolve_decode("auto", _repack(w))[0]
+        decode = resolve_decode("auto", _repack(w), path)[0]
     tol = max(TOL[path][dtype], 1e-2 if decode in ("gather_pair", "byte", "regtab") else 0.0)
     assert rel_err(y, r) < tol, rel_err(y, r)
 
@@ -400,6 +400,24 @@ def test_regtab_identity_is_exact_on_its_effective_grid(n):
     )
 
 
+def test_auto_decoder_choice():
+    """"auto": register tables for p = 1 on the fma path; gathers elsewhere, and for a 16-point
+    grid the tables cannot hold (not symmetric)."""
+    from pallas_kernels.higgs_matmul.repack import repack as _repack
+    from pallas_kernels.higgs_matmul.wrapper import resolve_decode
+
+    for n in (4, 8, 16):
+        w = _repack(make_weight(128, 16, 1, n))
+        assert resolve_decode("auto", w, "fma")[0] == "regtab"
+        assert resolve_decode("auto", w, "dot")[0] in ("gather", "gather_pair")
+    assert resolve_decode("auto", _repack(make_weight(128, 16, 2, 16)), "fma")[0] == "gather_pair"
+    skew = _with_grid(make_weight(128, 16, 1, 16), np.linspace(-1.0, 2.0, 16))
+    assert resolve_decode("auto", skew, "fma")[0] == "gather_pair"
+    assert default_config(1, 4096, 4096, 1, 4.0).fused_fma
+    assert not default_config(1, 4096, 4096, 2, 2.0).fused_fma
+    assert not default_config(64, 4096, 4096, 1, 4.0).fused_fma  # dot path
+
+
 def test_regtab_bad_input():
     x = jnp.zeros((1, 128), jnp.float32)
     with pytest.raises(ValueError, match="p=1 with code_bits"):
@@ -607,7 +625,7 @@ def _check_wide(p, n, m, dtype, k, *, g_units=3, bku=2, split_k=2, decode="auto"
     from pallas_kernels.higgs_matmul.repack import repack as _repack
     from pallas_kernels.higgs_matmul.wrapper import resolve_decode
 
-    decode = resolve_decode(decode, _repack(w))[0]
+    decode = resolve_decode(decode, _repack(w), "wide")[0]
     tol = max(TOL["wide"][dtype], 1e-2 if decode == "gather_pair" else 0.0)
     assert rel_err(y, r) < tol, rel_err(y, r)
 

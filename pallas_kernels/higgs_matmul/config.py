@@ -136,7 +136,9 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
         # 99 us for 16/8/4 at 8192x28672), 8 for 4/6-bit codes.
         block_n = 128 if n >= 128 else max(16, _next_pow2(n))
         # p = 4 (not swept yet): 8 units = 1024 coordinates per step, like p = 2 at 8 units.
-        bku = 16 if (p == 2 and code_bits == 8) else 8
+        # p = 1 (register-table decoder, session 6 sweep at 8192x28672): 16 units for 2- and
+        # 4-bit codes (51.1 / 72.0 us vs 53.4 / 75.5 at 8), 8 for 3-bit (58.7 vs 75.8 at 16).
+        bku = 16 if (p == 2 and code_bits == 8) or (p == 1 and code_bits in (2, 4)) else 8
         bku = min(bku, _next_pow2(units))
         path = "fma"
         block_m, warps = 16, 4
@@ -164,6 +166,9 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
         block_k=bku * 32 * p,
         split_k=split,
         num_warps=warps,
+        # p = 1 on the fma path decodes with register tables ("auto"), whose FMUL + FADD pairs
+        # cost 15-20% at 8192x28672 against inline-PTX FMAs (session 6 sweep).
+        fused_fma=path == "fma" and p == 1,
         # Dot path: with 2 stages Triton's pipeliner staged the whole (BKU, cb, BN) word tile in
         # shared memory and asked for 283-299 KB (> 227 KB) at K=14336, M=16 on an H100.
         num_stages=1 if path == "dot" else 2,

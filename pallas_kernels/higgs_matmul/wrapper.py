@@ -136,14 +136,31 @@ def apply_outliers(kw: KernelPackedWeight, x2: jax.Array, y: jax.Array) -> jax.A
     return y.at[:, kw.outlier_cols].add(contrib)
 
 
-def resolve_decode(decode: str, kw: KernelPackedWeight) -> tuple[str, tuple[float, ...]]:
+def _regtab_ok(kw: KernelPackedWeight) -> bool:
+    if kw.p != 1 or kw.code_bits not in _regtab.CODE_BITS:
+        return False
+    try:
+        _regtab.program(kw.grid_values)
+    except ValueError:  # e.g. a 16-point grid that is not symmetric
+        return False
+    return True
+
+
+def resolve_decode(
+    decode: str, kw: KernelPackedWeight, path: str = "fma"
+) -> tuple[str, tuple[float, ...]]:
     """Chooses the decoder ("auto") and returns it with its polynomial coefficients (if any)."""
     mags = _kernel.symmetric_magnitudes(kw.grid_values) if kw.p == 1 else None
     if decode == "auto":
-        # Fastest measured at M=1 on an H100 (docs/KERNELS.md, Nsight Compute sweep): bf16-pair
-        # gathers (two weights per lookup; the grid rounded to bf16) wherever a pair fits in a
-        # word-aligned field, i.e. every grid except 3-bit p=1 codes, which use the f32 gather.
-        decode = "gather" if (kw.p == 1 and kw.code_bits == 3) else "gather_pair"
+        # Fastest measured at M=1 on an H100: p = 1 grids on the fma path: register tables
+        # (regtab, session 6: 72.0 / 58.7 / 51.1 us vs 90.7 / 152.0 / 74.2 us for 4/3/2-bit at
+        # 8192x28672, benchmarks/RESULTS.md); otherwise bf16-pair gathers (two weights per
+        # lookup; the grid rounded to bf16) wherever a pair fits in a word-aligned field, i.e.
+        # every grid except 3-bit p=1 codes, which use the f32 gather (docs/KERNELS.md).
+        if path == "fma" and _regtab_ok(kw):
+            decode = "regtab"
+        else:
+            decode = "gather" if (kw.p == 1 and kw.code_bits == 3) else "gather_pair"
     if decode == "poly":
         if mags is None:
             raise ValueError("decode='poly' needs a sorted, symmetric 1-D grid")
@@ -290,7 +307,7 @@ def prepare_activations(
         return kernel_activations(x2, kw, rows=mp, units_x=ux, bku=g["bku"], dtype=g["xdt"])
     xr = rotate_activations(x2, kw)
     xr = jnp.pad(xr, [(0, mp - m), (0, ux * 32 * p - xr.shape[1])])
-    decode, _ = resolve_decode(cfg.decode, kw)
+    decode, _ = resolve_decode(cfg.decode, kw, cfg.path)
     # x[m, e, u * 32/q + c] = x_rot[m, (32u/q + c) pq + e]: slot e's activations for a tile of
     # units are one contiguous (BM, BKU * 32/q) slice in the order the kernel unpacks the codes
     # (q = 2: p = 1 pair decoding, slot e = code parity; q = 1: slot e = coordinate).
@@ -313,7 +330,7 @@ def launch_kernel(
         raise ValueError(f"decode={cfg.decode!r} is for path='gemv', got path={cfg.path!r}")
     if cfg.decode == "regtab" and cfg.path not in ("fma", "dot"):
         raise ValueError(f"decode='regtab' runs on path='fma' or 'dot', got path={cfg.path!r}")
-    decode, coef = resolve_decode(cfg.decode if cfg.path != "gemv" else "auto", kw)
+    decode, coef = resolve_decode(cfg.decode if cfg.path != "gemv" else "auto", kw, cfg.path)
     common = dict(
         p=p,
         cb=cb,
