@@ -91,7 +91,7 @@ def knob_candidates(m: int, k: int, n: int, p: int, n_grid: int) -> list:
     out = []
     for t in tilings:
         for words in ("lazy", "eager", "prefetch"):
-            for fused in (False, True):
+            for fused in (False, True) if base.path == "fma" else (False,):
                 out.append(dataclasses.replace(t, words=words, fused_fma=fused))
     return list(dict.fromkeys(out))
 
@@ -99,7 +99,7 @@ def knob_candidates(m: int, k: int, n: int, p: int, n_grid: int) -> list:
 def decoder_candidates(m: int, k: int, n: int, p: int, n_grid: int, decoders) -> list:
     """The default config, then each decoder at 4, 8 and 16 units per step (split-K re-derived
     as `default_config` does, 2-bit codes with twice the program target) x separate or fused
-    multiply-adds."""
+    multiply-adds (fma path only; the dot path has no such option)."""
     cb = SUPPORTED[(p, n_grid)]
     base = default_config(m, k, n, p, cb / p)
     units = -(-(-(-k // p)) // 32)
@@ -109,7 +109,7 @@ def decoder_candidates(m: int, k: int, n: int, p: int, n_grid: int, decoders) ->
         for bku in (4, 8, 16):
             steps_total = -(-units // bku)
             split = split_k_for(steps_total, -(-n // base.block_n), target)
-            for fused in (False, True):
+            for fused in (False, True) if base.path == "fma" else (False,):
                 out.append(
                     dataclasses.replace(
                         base, block_k=bku * 32 * p, split_k=split, decode=decode, fused_fma=fused
