@@ -92,8 +92,8 @@ def variants(
         if "dot" in paths:
             d = default_config(max(m, 16), k, n, p, 0)
             cfgs.append(dataclasses.replace(d, path="dot"))
-            if not defaults_only:
-                cfgs.append(dataclasses.replace(d, path="dot", block_k=d.block_k // 2))
+            if not defaults_only:  # the dot path needs >= 16 units per step: try 32
+                cfgs.append(dataclasses.replace(d, path="dot", block_k=d.block_k * 2))
         if "wide" in paths:
             w = wide_config(m, k, n, p, 0)
             cfgs.append(w)

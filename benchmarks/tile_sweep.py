@@ -97,7 +97,8 @@ def knob_candidates(m: int, k: int, n: int, p: int, n_grid: int) -> list:
 
 
 def decoder_candidates(m: int, k: int, n: int, p: int, n_grid: int, decoders) -> list:
-    """The default config, then each decoder at 4, 8 and 16 units per step (split-K re-derived
+    """The default config, then each decoder at 4, 8 and 16 units per step (dot path: 16 and
+    32; split-K re-derived
     as `default_config` does, 2-bit codes with twice the program target) x separate or fused
     multiply-adds (fma path only; the dot path has no such option)."""
     cb = SUPPORTED[(p, n_grid)]
@@ -106,7 +107,7 @@ def decoder_candidates(m: int, k: int, n: int, p: int, n_grid: int, decoders) ->
     target = TARGET_PROGRAMS * (2 if cb == 2 else 1)
     out = [base]
     for decode in decoders:
-        for bku in (4, 8, 16):
+        for bku in (4, 8, 16) if base.path == "fma" else (16, 32):  # dot: K = BKU >= 16
             steps_total = -(-units // bku)
             split = split_k_for(steps_total, -(-n // base.block_n), target)
             for fused in (False, True) if base.path == "fma" else (False,):

@@ -401,21 +401,29 @@ def test_regtab_identity_is_exact_on_its_effective_grid(n):
 
 
 def test_auto_decoder_choice():
-    """"auto": register tables for p = 1 on the fma path; gathers elsewhere, and for a 16-point
-    grid the tables cannot hold (not symmetric)."""
+    """"auto": register tables for p = 1 on the fma and dot paths; gathers elsewhere (wide path,
+    p > 1, and a 16-point grid the tables cannot hold: not symmetric)."""
     from pallas_kernels.higgs_matmul.repack import repack as _repack
     from pallas_kernels.higgs_matmul.wrapper import resolve_decode
 
     for n in (4, 8, 16):
         w = _repack(make_weight(128, 16, 1, n))
         assert resolve_decode("auto", w, "fma")[0] == "regtab"
-        assert resolve_decode("auto", w, "dot")[0] in ("gather", "gather_pair")
+        assert resolve_decode("auto", w, "dot")[0] == "regtab"
+        assert resolve_decode("auto", w, "wide")[0] in ("gather", "gather_pair")
     assert resolve_decode("auto", _repack(make_weight(128, 16, 2, 16)), "fma")[0] == "gather_pair"
     skew = _with_grid(make_weight(128, 16, 1, 16), np.linspace(-1.0, 2.0, 16))
     assert resolve_decode("auto", skew, "fma")[0] == "gather_pair"
     assert default_config(1, 4096, 4096, 1, 4.0).fused_fma
     assert not default_config(1, 4096, 4096, 2, 2.0).fused_fma
     assert not default_config(64, 4096, 4096, 1, 4.0).fused_fma  # dot path
+
+
+def test_dot_path_needs_16_units_per_step():
+    cfg = dataclasses.replace(_cfg("dot", 1), block_k=8 * 32)
+    with pytest.raises(ValueError, match="got block_k=256 = 8 units"):
+        higgs_matmul_pallas(jnp.zeros((20, 256)), make_weight(256, 16, 1, 16), config=cfg,
+                            interpret=True)
 
 
 def test_regtab_bad_input():

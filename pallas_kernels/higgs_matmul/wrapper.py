@@ -28,6 +28,8 @@ from pallas_kernels.higgs_matmul.config import MAX_FMA_M, MAX_M, Config, default
 from pallas_kernels.higgs_matmul.repack import SUPPORTED, KernelPackedWeight, repack
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+#: Smallest units per step on the "dot" path (one tensor-core dot of K = BKU per plane).
+MIN_DOT_UNITS = 16
 
 
 def _next_pow2(v: int) -> int:
@@ -152,12 +154,12 @@ def resolve_decode(
     """Chooses the decoder ("auto") and returns it with its polynomial coefficients (if any)."""
     mags = _kernel.symmetric_magnitudes(kw.grid_values) if kw.p == 1 else None
     if decode == "auto":
-        # Fastest measured at M=1 on an H100: p = 1 grids on the fma path: register tables
-        # (regtab, session 6: 72.0 / 58.7 / 51.1 us vs 90.7 / 152.0 / 74.2 us for 4/3/2-bit at
-        # 8192x28672, benchmarks/RESULTS.md); otherwise bf16-pair gathers (two weights per
+        # Fastest measured on an H100: p = 1 grids: register tables (regtab, session 6, at
+        # 8192x28672: M = 1 72.0 / 58.7 / 51.1 us vs 90.7 / 152.0 / 74.2 us for 4/3/2-bit;
+        # M = 16 (dot path) 187.0 / 152.0 us vs 242.4 / 190.2 for 4/2-bit); otherwise bf16-pair gathers (two weights per
         # lookup; the grid rounded to bf16) wherever a pair fits in a word-aligned field, i.e.
         # every grid except 3-bit p=1 codes, which use the f32 gather (docs/KERNELS.md).
-        if path == "fma" and _regtab_ok(kw):
+        if path in ("fma", "dot") and _regtab_ok(kw):
             decode = "regtab"
         else:
             decode = "gather" if (kw.p == 1 and kw.code_bits == 3) else "gather_pair"
@@ -292,6 +294,13 @@ def _plan(kw: KernelPackedWeight, cfg: Config, m: int, out_dtype) -> dict:
             )
         mp, bm, xdt = _next_pow2(m), 1, jnp.float32
     else:
+        if cfg.path == "dot" and bku < MIN_DOT_UNITS:
+            # Each plane is one (BM, BKU) x (BKU, BN) tensor-core dot; Triton needs K >= 16.
+            # Measured on an H100 (session 6): BKU = 4 and 8 returned wrong sums (rel. err 1-3).
+            raise ValueError(
+                f"path='dot' needs block_k / (32 p) >= {MIN_DOT_UNITS} units per step (the K of "
+                f"each tensor-core dot), got block_k={cfg.block_k} = {bku} units for p={p}"
+            )
         bm = min(cfg.block_m, max(16, _next_pow2(m)))
         mp, xdt = -(-m // bm) * bm, out_dtype if out_dtype != jnp.float32 else jnp.bfloat16
     return dict(bku=bku, split=split, steps=steps, ux=split * steps * bku, mp=mp, bm=bm, xdt=xdt)
