@@ -395,13 +395,11 @@ def test_regtab_identity_is_exact_on_its_effective_grid(n):
         ]
     )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(decode_rotated(w_eff)))
-    np.testing.assert_allclose(
-        np.asarray(got), np.asarray(decode_rotated(w)), rtol=2.0**-8, atol=0
-    )
+    np.testing.assert_allclose(np.asarray(got), np.asarray(decode_rotated(w)), rtol=2.0**-8, atol=0)
 
 
 def test_auto_decoder_choice():
-    """"auto": register tables for p = 1 on the fma and dot paths; gathers elsewhere (wide path,
+    """ "auto": register tables for p = 1 on the fma and dot paths; gathers elsewhere (wide path,
     p > 1, and a 16-point grid the tables cannot hold: not symmetric)."""
     from pallas_kernels.higgs_matmul.repack import repack as _repack
     from pallas_kernels.higgs_matmul.wrapper import resolve_decode
@@ -422,15 +420,17 @@ def test_auto_decoder_choice():
 def test_dot_path_needs_16_units_per_step():
     cfg = dataclasses.replace(_cfg("dot", 1), block_k=8 * 32)
     with pytest.raises(ValueError, match="got block_k=256 = 8 units"):
-        higgs_matmul_pallas(jnp.zeros((20, 256)), make_weight(256, 16, 1, 16), config=cfg,
-                            interpret=True)
+        higgs_matmul_pallas(
+            jnp.zeros((20, 256)), make_weight(256, 16, 1, 16), config=cfg, interpret=True
+        )
 
 
 def test_regtab_bad_input():
     x = jnp.zeros((1, 128), jnp.float32)
     with pytest.raises(ValueError, match="p=1 with code_bits"):
-        higgs_matmul_pallas(x, make_weight(128, 16, 2, 16), config=_cfg("fma", 2, "regtab"),
-                            interpret=True)
+        higgs_matmul_pallas(
+            x, make_weight(128, 16, 2, 16), config=_cfg("fma", 2, "regtab"), interpret=True
+        )
     with pytest.raises(ValueError, match="path='fma' or 'dot'"):
         cfg = dataclasses.replace(_cfg("fma", 1, "regtab"), path="wide")
         higgs_matmul_pallas(x, make_weight(128, 16, 1, 4), config=cfg, interpret=True)

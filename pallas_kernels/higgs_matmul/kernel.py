@@ -440,9 +440,7 @@ def higgs_matmul_kernel(
             # Register tables (regtab.py): one inline-PTX block per word (two for 3-bit codes)
             # decodes all its codes with byte permutes; no memory lookups.
             for prog, rows_t, first in _regtab.jobs(grid_values, cb):
-                vals = _regtab.decode_words(
-                    prog, [word(t) for t in rows_t], interpret=interpret
-                )
+                vals = _regtab.decode_words(prog, [word(t) for t in rows_t], interpret=interpret)
                 consume(vals, tuple((0, first + j) for j in range(len(vals))))
             planes = range(0)
         else:

@@ -45,8 +45,6 @@ from pallas_kernels.higgs_matmul.repack import BIT2_POSITION  # noqa: F401 - the
 CODE_BITS = (2, 3, 4)
 
 
-
-
 class Op(NamedTuple):
     """One 32-bit op: ``dst = op(srcs)``; a src is a register name or an int immediate."""
 
@@ -108,12 +106,14 @@ def _check_grid(g: np.ndarray) -> int:
     cb = int(n).bit_length() - 1
     if cb not in CODE_BITS or n != 1 << cb:
         raise ValueError(f"register tables need a 1-D grid of 4, 8 or 16 points, got n={n}")
-    if cb == 4:
-        if np.any(np.diff(g) <= 0) or not np.allclose(g[::-1], -g, rtol=0, atol=1e-6 * np.abs(g).max()):
-            raise ValueError(
-                "the 16-point register table needs a sorted grid symmetric about 0 "
-                "(g[15 - c] = -g[c]), as the Lloyd-Max Gaussian grids are"
-            )
+    symmetric = np.all(np.diff(g) > 0) and np.allclose(
+        g[::-1], -g, rtol=0, atol=1e-6 * np.abs(g).max()
+    )
+    if cb == 4 and not symmetric:
+        raise ValueError(
+            "the 16-point register table needs a sorted grid symmetric about 0 "
+            "(g[15 - c] = -g[c]), as the Lloyd-Max Gaussian grids are"
+        )
     return cb
 
 
@@ -138,7 +138,7 @@ def _value_selector(i: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ programs
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _program_cached(grid_key: tuple[float, ...], half: int) -> Program:
     g = np.asarray(grid_key, np.float64)
     cb = _check_grid(g)

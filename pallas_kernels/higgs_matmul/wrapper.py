@@ -175,7 +175,11 @@ def resolve_decode(
             )
         _regtab.program(kw.grid_values)  # validates the grid (16 points: symmetric)
         return decode, ()
-    if decode == "gather_pair" and kw.p not in (2, 4) and not (kw.p == 1 and kw.code_bits in (2, 4)):
+    if (
+        decode == "gather_pair"
+        and kw.p not in (2, 4)
+        and not (kw.p == 1 and kw.code_bits in (2, 4))
+    ):
         raise ValueError(
             f"decode='gather_pair' needs p=2 or 4, or p=1 with 2- or 4-bit codes; got p={kw.p}, "
             f"code_bits={kw.code_bits}"
@@ -326,7 +330,13 @@ def prepare_activations(
 
 
 def launch_kernel(
-    xk: jax.Array, xblk: int, kw: KernelPackedWeight, cfg: Config, m: int, out_dtype, interpret: bool
+    xk: jax.Array,
+    xblk: int,
+    kw: KernelPackedWeight,
+    cfg: Config,
+    m: int,
+    out_dtype,
+    interpret: bool,
 ) -> jax.Array:
     """Kernel operand from `prepare_activations` -> (M, N) f32 (split-K partials summed by XLA)."""
     g = _plan(kw, cfg, m, out_dtype)
