@@ -52,3 +52,23 @@ def test_bad_rows_or_reps_are_named(capsys, flag, value):
     with pytest.raises(SystemExit):
         tile_sweep.main(["--out", "/tmp/ts_bad", flag, value])
     assert f"got {value}" in capsys.readouterr().err
+
+
+def test_decoder_sweep_smoke(tmp_path):
+    """--decoders: every candidate (regtab at 3 tilings x separate/fused FMAs) is correct."""
+    argv = ["--out", str(tmp_path), "--smoke", "--grids", "p1_3b", "--decoders", "regtab"]
+    assert tile_sweep.main(argv) == 0
+    rows = json.loads((tmp_path / "tile_sweep.json").read_text())["rows"]
+    assert len(rows) == len(tile_sweep.decoder_candidates(1, 512, 256, 1, 8, ["regtab"]))
+    assert {r["decode"] for r in rows[1:]} == {"regtab"}
+    assert {r["fused_fma"] for r in rows[1:]} == {False, True}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["rel_err"] < 2e-2
+
+
+def test_decoder_candidates_on_the_dot_path_keep_16_units():
+    cands = tile_sweep.decoder_candidates(16, 8192, 28672, 1, 16, ["regtab"])
+    assert cands[0].path == "dot"
+    assert all(c.block_k // 32 >= 16 for c in cands)
+    assert not any(c.fused_fma for c in cands[1:])

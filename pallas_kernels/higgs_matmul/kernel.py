@@ -28,6 +28,10 @@ Three paths:
   parity, c' = pair index: x_rot[m, 32 u + 2 c' + e]) and q = 1 otherwise (slot e = coordinate
   d: x_rot[m, (32 u + c') p + d]).
 Partial sums (S, M, N) are reduced outside the kernel (wrapper).
+
+Decoders on the fma and dot paths: per plane (extract a code, then select / poly / gather /
+gather_pair), or "regtab" (p = 1): one inline-PTX block per code word decodes all its codes from
+register byte tables (`regtab.py`) and the multiply-adds consume them plane by plane.
 """
 
 from __future__ import annotations
