@@ -49,7 +49,8 @@ from pallas_kernels.higgs_matmul.repack import SUPPORTED
 
 SHAPES = [(4096, 14336), (14336, 4096), (8192, 28672), (4096, 4096), (4096, 1024)]
 MS = [1, 4, 16, 64]
-GRIDS = [(1, 4), (1, 8), (1, 16), (2, 16), (2, 64), (2, 256), (4, 256), (4, 4096)]  # bits = log2(n)/p
+# (p, n); bits = log2(n)/p
+GRIDS = [(1, 4), (1, 8), (1, 16), (2, 16), (2, 64), (2, 256), (4, 256), (4, 4096)]
 H = 512  # Hadamard block (HF default); one bf16 scale per block (g = h)
 L2_DEFEAT_BYTES = 150e6
 
@@ -113,6 +114,22 @@ def parse_shape(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"shapes must look like 4096x4096, got {text!r}") from None
     return k, n
+
+
+def check_sweep_args(ap, m: int, reps: int, shape_texts) -> list[tuple[int, int]]:
+    """Shared checks of the M=1 sweep scripts (tile_sweep, route_bench): ``ap.error`` naming a bad
+    --m, --reps or --shapes entry; returns the parsed shapes."""
+    if not 1 <= m <= 256:
+        ap.error(f"--m must be in 1..256 (the kernel's row range), got {m}")
+    if reps < 1:
+        ap.error(f"--reps must be >= 1, got {reps}")
+    shapes = []
+    for s in shape_texts:
+        try:
+            shapes.append(parse_shape(s))
+        except ValueError as e:
+            ap.error(f"--shapes entries: {e}")
+    return shapes
 
 
 def n_copies(nbytes: int) -> int:

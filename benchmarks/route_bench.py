@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode_bench import _higgs_leaf  # noqa: E402
-from benchmarks.kernel_bench import n_copies, parse_shape  # noqa: E402
+from benchmarks.kernel_bench import check_sweep_args, n_copies  # noqa: E402
 from higgs_jax.config import HiggsConfig  # noqa: E402
 from higgs_jax.matmul import higgs_matmul_xla  # noqa: E402
 from pallas_kernels.higgs_matmul import higgs_matmul_pallas, repack  # noqa: E402
@@ -40,30 +40,24 @@ GRIDS = {"p2_4b": (2, 4), "p2_2b": (2, 2), "p4_2b": (4, 2), "p4_3b": (4, 3), "p2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--grids", nargs="+", default=["p4_3b", "p4_2b", "p2_4b"], choices=sorted(GRIDS))
+    ap.add_argument(
+        "--grids", nargs="+", default=["p4_3b", "p4_2b", "p2_4b"], choices=sorted(GRIDS)
+    )
     ap.add_argument("--shapes", nargs="+", default=["8192x28672", "4096x4096"])
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--reps", type=int, default=64)
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--smoke", action="store_true", help="tiny shape, interpret mode (CPU)")
     args = ap.parse_args(argv)
-    if not 1 <= args.m <= 256:
-        ap.error(f"--m must be in 1..256 (the kernel's row range), got {args.m}")
-    if args.reps < 1:
-        ap.error(f"--reps must be >= 1, got {args.reps}")
-    shapes = []
-    for s in ["512x256"] if args.smoke else args.shapes:
-        try:
-            shapes.append(parse_shape(s))
-        except ValueError as e:
-            ap.error(f"--shapes entries: {e}")
+    shapes = check_sweep_args(ap, args.m, args.reps, ["512x256"] if args.smoke else args.shapes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "date": datetime.date.today().isoformat(),
         "device": str(getattr(jax.devices()[0], "device_kind", jax.devices()[0].platform)),
         "jax": jax.__version__,
-        "command": "PYTHONPATH=. python benchmarks/route_bench.py " + " ".join(argv or sys.argv[1:]),
+        "command": "PYTHONPATH=. python benchmarks/route_bench.py "
+        + " ".join(argv or sys.argv[1:]),
         "m": args.m,
     }
     rows: list[dict] = []
@@ -79,7 +73,9 @@ def main(argv=None) -> int:
             key = jax.random.key(k + n + p * 7 + bits)
             qt = _higgs_leaf(key, k, n, spec, False)
             copies = 1 if args.smoke else n_copies(qt.codes.size * 4)
-            qts = [qt] + [_higgs_leaf(jax.random.fold_in(key, i), k, n, spec, False) for i in range(1, copies)]
+            qts = [qt] + [
+                _higgs_leaf(jax.random.fold_in(key, i), k, n, spec, False) for i in range(1, copies)
+            ]
             kws = [jax.jit(repack)(q) for q in qts]
             x = jax.random.normal(jax.random.fold_in(key, 99), (args.m, k), jnp.bfloat16)
             try:
@@ -96,7 +92,9 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - reported in the table
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
-            (out / "route_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            (out / "route_bench.json").write_text(
+                json.dumps({"meta": meta, "rows": rows}, indent=1)
+            )
             print(row, flush=True)
     lines = [
         f"# higgs_matmul implementations, M={args.m} ({meta['date']}, {meta['device']})",

@@ -29,14 +29,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.kernel_bench import (  # noqa: E402
+    check_sweep_args,
     n_copies,
-    parse_shape,
     random_weight,
     weight_bytes,
 )
 from pallas_kernels.higgs_matmul import default_config, higgs_matmul_pallas  # noqa: E402
 from pallas_kernels.higgs_matmul.autotune import time_device  # noqa: E402
-from pallas_kernels.higgs_matmul.config import TARGET_PROGRAMS, split_k_for  # noqa: E402
+from pallas_kernels.higgs_matmul.config import DECODES, TARGET_PROGRAMS, split_k_for  # noqa: E402
 from pallas_kernels.higgs_matmul.reference import higgs_matmul_reference  # noqa: E402
 from pallas_kernels.higgs_matmul.repack import SUPPORTED  # noqa: E402
 
@@ -141,16 +141,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--smoke", action="store_true", help="tiny shape, interpret mode (CPU)")
     args = ap.parse_args(argv)
-    if not 1 <= args.m <= 256:
-        ap.error(f"--m must be in 1..256 (the kernel's row range), got {args.m}")
-    if args.reps < 1:
-        ap.error(f"--reps must be >= 1, got {args.reps}")
-    shapes = []
-    for s in args.shapes:
-        try:
-            shapes.append(parse_shape(s))
-        except ValueError as e:
-            ap.error(f"--shapes entries: {e}")
+    shapes = check_sweep_args(ap, args.m, args.reps, args.shapes)
+    bad = [d for d in args.decoders or () if d not in DECODES]
+    if bad:
+        ap.error(f"--decoders: unknown {bad}; choose from {list(DECODES)}")
     if args.smoke:
         shapes = [(512, 256)]
     out = Path(args.out)

@@ -72,3 +72,9 @@ def test_decoder_candidates_on_the_dot_path_keep_16_units():
     assert cands[0].path == "dot"
     assert all(c.block_k // 32 >= 16 for c in cands)
     assert not any(c.fused_fma for c in cands[1:])
+
+
+def test_unknown_decoder_is_named(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        tile_sweep.main(["--out", str(tmp_path), "--decoders", "regtab", "magic"])
+    assert "'magic'" in capsys.readouterr().err

@@ -39,8 +39,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pallas_kernels.higgs_matmul.repack import BIT2_POSITION  # noqa: F401 - the cb = 3 layout
-
 #: Code widths (p = 1) the register-table decoder handles.
 CODE_BITS = (2, 3, 4)
 
@@ -167,17 +165,32 @@ def _program_cached(grid_key: tuple[float, ...], half: int) -> Program:
             outs.append(f"v{tag}{i}")
         return outs
 
+    def tables(hb, lb, *extra):
+        """Byte tables (4 entries: one register each; 8: two) -> the (h0, h1, l0, l1) names."""
+        if len(hb) == 4:
+            movs, tabs = (("th", hb), ("tl", lb)), ("th", "th", "tl", "tl")
+        else:
+            movs = (("th0", hb[:4]), ("th1", hb[4:]), ("tl0", lb[:4]), ("tl1", lb[4:]))
+            tabs = ("th0", "th1", "tl0", "tl1")
+        for name, val in movs:
+            emit("mov", name, _pack_bytes(val))
+        for name, val in extra:
+            emit("mov", name, val)
+        return tabs
+
+    def even_odd(e: str, o: str, tabs) -> tuple[str, ...]:
+        """Selectors ``e`` (nibble i: code 2i) and ``o`` (code 2i + 1) of 16 codes -> 16 values."""
+        emit("shr", f"{e}h", e, 16)
+        emit("shr", f"{o}h", o, 16)
+        vals = {}
+        for sel, first, tag in ((e, 0, "a"), (f"{e}h", 8, "b"), (o, 1, "c"), (f"{o}h", 9, "d")):
+            for i, reg in enumerate(group(sel, tabs, None, tag)):
+                vals[first + 2 * i] = reg
+        return tuple(vals[c] for c in range(16))
+
     if cb == 4:
         pairs = [byte_pair(v) for v in g[8:]]  # magnitudes, ascending
-        hb, lb = [h for h, _ in pairs], [lo for _, lo in pairs]
-        for name, val in (
-            ("th0", _pack_bytes(hb[:4])),
-            ("th1", _pack_bytes(hb[4:])),
-            ("tl0", _pack_bytes(lb[:4])),
-            ("tl1", _pack_bytes(lb[4:])),
-            ("k7f", 0x7F7F7F7F),
-        ):
-            emit("mov", name, val)
+        tabs = tables([h for h, _ in pairs], [lo for _, lo in pairs], ("k7f", 0x7F7F7F7F))
         # magnitude index per nibble: c & 7 if bit3 else 7 - c = (c ^ 7) & 7
         emit("not", "nw", "w0")
         emit("shr", "nb", "nw", 3)
@@ -187,38 +200,21 @@ def _program_cached(grid_key: tuple[float, ...], half: int) -> Program:
         emit("and", "ix", "ix", 0x77777777)
         emit("shr", "ixh", "ix", 16)
         emit("shr", "wh", "w0", 16)
-        tabs = ("th0", "th1", "tl0", "tl1")
         outputs = group("ix", tabs, "w0", "a") + group("ixh", tabs, "wh", "b")
         return Program(1, tuple(ops), tuple(outputs))
 
     pairs = [byte_pair(v) for v in g]
-    hb, lb = [h for h, _ in pairs], [lo for _, lo in pairs]
+    tabs = tables([h for h, _ in pairs], [lo for _, lo in pairs])
     if cb == 2:
-        emit("mov", "th", _pack_bytes(hb))
-        emit("mov", "tl", _pack_bytes(lb))
-        tabs = ("th", "th", "tl", "tl")
         emit("and", "se", "w0", 0x33333333)  # nibble i: code 2i
         emit("shr", "so", "w0", 2)
         emit("and", "so", "so", 0x33333333)  # nibble i: code 2i + 1
-        emit("shr", "seh", "se", 16)
-        emit("shr", "soh", "so", 16)
-        vals = {}
-        for sel, first, tag in (("se", 0, "a"), ("seh", 8, "b"), ("so", 1, "c"), ("soh", 9, "d")):
-            for i, r in enumerate(group(sel, tabs, None, tag)):
-                vals[first + 2 * i] = r
-        return Program(1, tuple(ops), tuple(vals[c] for c in range(16)))
+        outputs = even_odd("se", "so", tabs)
+        return Program(1, tuple(ops), outputs)
 
     # cb == 3, half r: words w0 = word r of the unit (low two bits of codes 16 r .. 16 r + 15),
-    # w1 = word 2 (bit 2 of every code, at BIT2_POSITION)
-    for name, val in (
-        ("th0", _pack_bytes(hb[:4])),
-        ("th1", _pack_bytes(hb[4:])),
-        ("tl0", _pack_bytes(lb[:4])),
-        ("tl1", _pack_bytes(lb[4:])),
-    ):
-        emit("mov", name, val)
-    tabs = ("th0", "th1", "tl0", "tl1")
-    # bit 2 of the even / odd codes moved to 4 i + 2 (nibble i's high selector bit)
+    # w1 = word 2 (bit 2 of every code, at BIT2_POSITION); bit 2 of the even / odd codes moved
+    # to 4 i + 2 (nibble i's high selector bit)
     if half == 0:  # codes 2i at bit 4i + 2, codes 2i + 1 at bit 4i + 3
         emit("and", "qe", "w1", 0x44444444)
         emit("shr", "qo", "w1", 1)
@@ -232,13 +228,8 @@ def _program_cached(grid_key: tuple[float, ...], half: int) -> Program:
     emit("shr", "o", "w0", 2)
     emit("and", "o", "o", 0x33333333)
     emit("or", "o", "o", "qo")  # nibble i: code 2i + 1
-    emit("shr", "eh", "e", 16)
-    emit("shr", "oh", "o", 16)
-    vals = {}
-    for sel, first, tag in (("e", 0, "a"), ("eh", 8, "b"), ("o", 1, "c"), ("oh", 9, "d")):
-        for i, reg in enumerate(group(sel, tabs, None, tag)):
-            vals[first + 2 * i] = reg
-    return Program(2, tuple(ops), tuple(vals[c] for c in range(16)))
+    outputs = even_odd("e", "o", tabs)
+    return Program(2, tuple(ops), outputs)
 
 
 def program(grid_values, half: int = 0) -> Program:
@@ -268,7 +259,7 @@ def ptx(prog: Program) -> tuple[str, str]:
     def src(s):
         if isinstance(s, int):
             return hex(s & 0xFFFFFFFF)
-        return names.get(s, "%" + s) if s in names else f"r_{s}"
+        return names.get(s, f"r_{s}")
 
     lines = []
     for op in prog.ops:
