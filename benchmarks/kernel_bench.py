@@ -45,7 +45,7 @@ from pallas_kernels.higgs_matmul import wrapper as _wrapper
 from pallas_kernels.higgs_matmul.autotune import time_device, time_host_call
 from pallas_kernels.higgs_matmul.config import wide_config
 from pallas_kernels.higgs_matmul.reference import decode_rotated
-from pallas_kernels.higgs_matmul.repack import SUPPORTED
+from pallas_kernels.higgs_matmul.repack import SUPPORTED, kernel_grid_values
 
 SHAPES = [(4096, 14336), (14336, 4096), (8192, 28672), (4096, 4096), (4096, 1024)]
 MS = [1, 4, 16, 64]
@@ -76,10 +76,17 @@ def lloyd_1d(n: int, iters: int = 300) -> np.ndarray:
 
 
 def grid_values(p: int, n: int) -> tuple:
+    """The grid in the order the kernel layout stores it (p = 1, 16 points: sign/magnitude,
+    `repack.kernel_grid_values`; random codes are valid in either order)."""
     if p == 1:
-        return tuple((float(v),) for v in lloyd_1d(n))
+        return kernel_grid_values(1, tuple((float(v),) for v in lloyd_1d(n)))
     rng = np.random.default_rng(n)
     return tuple(tuple(float(v) for v in row) for row in rng.normal(size=(n, p)))
+
+
+def grid_name(p: int, n: int) -> str:
+    """ "p1_4b"-style name of a (p, n) grid (bits per weight = log2(n) / p)."""
+    return f"p{p}_{int(math.log2(n)) // p}b"
 
 
 def random_weight(key, k: int, n_cols: int, p: int, n: int) -> KernelPackedWeight:
@@ -273,12 +280,28 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default=None, help="M values, e.g. 1,4,16,64")
     ap.add_argument("--max-checks", type=int, default=None, help="cap the correctness cases")
     ap.add_argument(
+        "--grids",
+        default=None,
+        help="comma list of grids to run, e.g. p1_2b,p1_4b (default: all of "
+        + ",".join(grid_name(p, n) for p, n in GRIDS)
+        + ")",
+    )
+    ap.add_argument(
         "--paths",
         default="default",
         help="comma list of kernel configs to time per (p, bits) and M: default (default_config)"
         ", wide (wide_config, path='wide')",
     )
     args = ap.parse_args(argv)
+    if args.grids is not None:
+        names = {grid_name(p, n): (p, n) for p, n in GRIDS}
+        chosen = [t.strip() for t in args.grids.split(",") if t.strip()]
+        unknown = [t for t in chosen if t not in names]
+        if unknown or not chosen:
+            ap.error(
+                f"--grids: unknown entries {unknown} in {args.grids!r}; choose from {list(names)}"
+            )
+        GRIDS[:] = [names[t] for t in chosen]  # every table and loop below reads GRIDS
     paths = [t.strip() for t in args.paths.split(",") if t.strip()]
     bad = [t for t in paths if t not in PATH_CONFIGS]
     if bad or not paths:

@@ -96,11 +96,13 @@ def knob_candidates(m: int, k: int, n: int, p: int, n_grid: int) -> list:
     return list(dict.fromkeys(out))
 
 
-def decoder_candidates(m: int, k: int, n: int, p: int, n_grid: int, decoders) -> list:
+def decoder_candidates(
+    m: int, k: int, n: int, p: int, n_grid: int, decoders, warps=(4,), fused=(False, True)
+) -> list:
     """The default config, then each decoder at 4, 8 and 16 units per step (dot path: 16 and
     32; split-K re-derived
     as `default_config` does, 2-bit codes with twice the program target) x separate or fused
-    multiply-adds (fma path only; the dot path has no such option)."""
+    multiply-adds (``fused``; fma path only, the dot path has no such option) x ``warps``."""
     cb = SUPPORTED[(p, n_grid)]
     base = default_config(m, k, n, p, cb / p)
     units = -(-(-(-k // p)) // 32)
@@ -110,12 +112,18 @@ def decoder_candidates(m: int, k: int, n: int, p: int, n_grid: int, decoders) ->
         for bku in (4, 8, 16) if base.path == "fma" else (16, 32):  # dot: K = BKU >= 16
             steps_total = -(-units // bku)
             split = split_k_for(steps_total, -(-n // base.block_n), target)
-            for fused in (False, True) if base.path == "fma" else (False,):
-                out.append(
-                    dataclasses.replace(
-                        base, block_k=bku * 32 * p, split_k=split, decode=decode, fused_fma=fused
+            for f in fused if base.path == "fma" else (False,):
+                for nw in warps:
+                    out.append(
+                        dataclasses.replace(
+                            base,
+                            block_k=bku * 32 * p,
+                            split_k=split,
+                            decode=decode,
+                            fused_fma=f,
+                            num_warps=nw,
+                        )
                     )
-                )
     return list(dict.fromkeys(out))
 
 
@@ -137,6 +145,12 @@ def main(argv=None) -> int:
         default=None,
         help="sweep these Config.decode values (x 3 tilings x fused FMA) instead of the tiling grid",
     )
+    ap.add_argument(
+        "--warps", nargs="+", type=int, default=[4], help="--decoders: num_warps values to try"
+    )
+    ap.add_argument(
+        "--fused-only", action="store_true", help="--decoders: fused FMAs only (fma path)"
+    )
     ap.add_argument("--reps", type=int, default=64)
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--smoke", action="store_true", help="tiny shape, interpret mode (CPU)")
@@ -145,6 +159,8 @@ def main(argv=None) -> int:
     bad = [d for d in args.decoders or () if d not in DECODES]
     if bad:
         ap.error(f"--decoders: unknown {bad}; choose from {list(DECODES)}")
+    if any(w not in (1, 2, 4, 8, 16) for w in args.warps):
+        ap.error(f"--warps: each value must be a power of two up to 16, got {args.warps}")
     if args.smoke:
         shapes = [(512, 256)]
     out = Path(args.out)
@@ -175,7 +191,16 @@ def main(argv=None) -> int:
             x = jax.random.normal(jax.random.fold_in(key, 99), (args.m, k), jnp.bfloat16)
             ref = np.asarray(higgs_matmul_reference(x.astype(jnp.float32), kw0), np.float64)
             if args.decoders:
-                cands = decoder_candidates(args.m, k, n, p, n_grid, args.decoders)
+                cands = decoder_candidates(
+                    args.m,
+                    k,
+                    n,
+                    p,
+                    n_grid,
+                    args.decoders,
+                    warps=tuple(args.warps),
+                    fused=(True,) if args.fused_only else (False, True),
+                )
             elif args.knobs:
                 cands = knob_candidates(args.m, k, n, p, n_grid)
             else:

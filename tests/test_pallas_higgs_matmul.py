@@ -349,6 +349,34 @@ def test_regtab_decoder(path, m, dtype, k, n):
     _check_against_reference(1, n, path, m, dtype, k, decode="regtab")
 
 
+def _signmag_weight(w: KernelPackedWeight) -> KernelPackedWeight:
+    """The same 16-point p = 1 weight with its codes relabelled into sign/magnitude order (what
+    `from_arrays` stores): every weight keeps its value."""
+    from pallas_kernels.higgs_matmul.repack import kernel_grid_values, relabel_signmag
+
+    return dataclasses.replace(
+        w, words=relabel_signmag(w.words), grid_values=kernel_grid_values(1, w.grid_values)
+    )
+
+
+@pytest.mark.parametrize("path,m", [("fma", 1), ("fma", 3), ("dot", 20)])
+def test_regtab_signmag_order_matches_sorted_order(path, m):
+    """4-bit codes in sign/magnitude order (one mask finds the magnitude index) decode to the
+    same weights as in sorted order: the kernel outputs agree bit for bit."""
+    from pallas_kernels.higgs_matmul import regtab
+
+    w = make_weight(200, 48, 1, 16, seed=5)
+    ws = _signmag_weight(w)
+    assert regtab.grid_order(np.asarray(ws.grid_values)[:, 0]) == "signmag"
+    x = jnp.asarray(np.random.default_rng(m).normal(size=(m, 200)), jnp.bfloat16)
+    cfg = _cfg(path, 1, "regtab")
+    got = higgs_matmul_pallas(x, ws, config=cfg, interpret=not _on_gpu())
+    want = higgs_matmul_pallas(x, w, config=cfg, interpret=not _on_gpu())
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    r = higgs_matmul_reference(x.astype(jnp.float32), ws)
+    assert rel_err(got, r) < 1e-2
+
+
 @pytest.mark.parametrize("n", [4, 8, 16])
 @pytest.mark.parametrize("fused_fma,words", [(True, "lazy"), (False, "eager")])
 def test_regtab_decoder_options(n, fused_fma, words):
@@ -871,6 +899,13 @@ def test_gpu_decoders(p, n, decode):
 @pytest.mark.parametrize("path,m,dtype,k,n", REGTAB_CASES)
 def test_gpu_regtab_decoder(path, m, dtype, k, n):
     test_regtab_decoder(path, m, dtype, k, n)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("path,m", [("fma", 1), ("fma", 3), ("dot", 20)])
+def test_gpu_regtab_signmag_order(path, m):
+    test_regtab_signmag_order_matches_sorted_order(path, m)
 
 
 @pytest.mark.gpu

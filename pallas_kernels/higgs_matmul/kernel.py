@@ -53,14 +53,12 @@ _MAGIC = np.uint32(
 
 # ------------------------------------------------------------------------------------ decoders
 def symmetric_magnitudes(grid_values) -> np.ndarray | None:
-    """The n/2 positive levels if the 1-D grid is sorted and symmetric (g[n-1-i] = -g[i])."""
+    """The n/2 positive levels (ascending) if the 1-D grid is symmetric, in sorted order
+    (g[n-1-i] = -g[i]) or in sign/magnitude order (g[n/2 + i] = -g[i] > 0; `regtab.grid_order`)."""
+    if len(grid_values[0]) != 1 or _regtab.grid_order(grid_values) is None:
+        return None
     g = np.asarray([v[0] for v in grid_values], np.float64)
-    n = g.size
-    if len(grid_values[0]) != 1 or n < 2 or n % 2:
-        return None
-    if np.any(np.diff(g) <= 0) or not np.allclose(g[::-1], -g, rtol=0, atol=1e-6 * np.abs(g).max()):
-        return None
-    return g[n // 2 :]
+    return g[g.size // 2 :]
 
 
 def magnitude_poly(mags: np.ndarray) -> tuple[float, ...]:
@@ -75,13 +73,16 @@ def magnitude_poly(mags: np.ndarray) -> tuple[float, ...]:
     return tuple(float(c) for c in coef)
 
 
-def _decode_poly(code, *, cb: int, coef: tuple[float, ...]):
-    """Sign/magnitude decode of a symmetric sorted 1-D grid: a few integer ops + (m-1) FMAs."""
+def _decode_poly(code, *, cb: int, coef: tuple[float, ...], mirrored: bool = True):
+    """Sign/magnitude decode of a symmetric 1-D grid: a few integer ops + (m-1) FMAs.
+
+    ``mirrored``: sorted grid order (codes below m are the mirrored negatives); else the
+    sign/magnitude order (`regtab.grid_order`), where the low bits are the magnitude index."""
     m = 1 << (cb - 1)
     low = code & np.uint32(m - 1)
     neg = (code >> np.uint32(cb - 1)) == np.uint32(0)
-    # Codes below m are the mirrored negatives: magnitude index m-1-low == low ^ (m-1).
-    j = jnp.where(neg, low ^ np.uint32(m - 1), low)
+    # Sorted order: magnitude index of a negative code is m-1-low == low ^ (m-1).
+    j = jnp.where(neg, low ^ np.uint32(m - 1), low) if mirrored else low
     # Integer -> float via the mantissa trick (full-rate ALU ops instead of the slow I2F unit):
     # u2 = 2 j - (m - 1) is an odd integer, so one exact subtraction centres it (a half-integer
     # centre would need two subtractions that compilers may re-associate into an inexact one).
@@ -120,7 +121,8 @@ def pair_words(idx, lut_ref, p: int):
 def decode_codes(code, lut_ref, *, decode: str, cb: int, p: int, grid_values, coef):
     """Codes (uint32, any shape) -> list of p float32 arrays of grid coordinates."""
     if decode == "poly":
-        return [_decode_poly(code, cb=cb, coef=coef)]
+        mirrored = _regtab.grid_order(grid_values) != "signmag"
+        return [_decode_poly(code, cb=cb, coef=coef, mirrored=mirrored)]
     if decode == "select":
         return [
             _decode_select(code, cb=cb, values=tuple(v[d] for v in grid_values)) for d in range(p)
@@ -444,7 +446,9 @@ def higgs_matmul_kernel(
             # Register tables (regtab.py): one inline-PTX block per word (two for 3-bit codes)
             # decodes all its codes with byte permutes; no memory lookups.
             for prog, rows_t, first in _regtab.jobs(grid_values, cb):
-                vals = _regtab.decode_words(prog, [word(t) for t in rows_t], interpret=interpret)
+                vals = _regtab.decode_words(
+                    prog, [word(t) for t in rows_t], reg_tables, interpret=interpret
+                )
                 consume(vals, tuple((0, first + j) for j in range(len(vals))))
             planes = range(0)
         else:
@@ -490,6 +494,13 @@ def higgs_matmul_kernel(
             return tuple(state[m] + partial[m] * scl for m in range(m_rows)), nxt
         return dot_acc[0], nxt
 
+    # regtab: the byte tables (`regtab.table_words`, the table operand) are read once, before the
+    # loop, so they stay in registers (as PTX immediates they were re-materialised at every use).
+    reg_tables = (
+        [lut_ref[t] for t in range(len(_regtab.table_words(grid_values)))]
+        if decode == "regtab"
+        else []
+    )
     if words == "prefetch" and path != "wide":
         u_first = first_unit(0)
         m0 = tile_mask(unit_rows(u_first), cols, **mask_kw)

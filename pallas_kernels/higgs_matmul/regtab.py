@@ -19,9 +19,12 @@ relative, the size of bfloat16 rounding (`gather_pair` rounds its tables to bflo
 Code layouts read (kernel layout of `repack`, one unit = 32 codes of one column):
 - cb = 2: word t, field s (bits 2s..2s+1) = code 16 t + s. Selectors: ``w & 0x33333333`` puts the
   even codes in nibbles, ``(w >> 2) & 0x33333333`` the odd ones.
-- cb = 4: word t, nibble s = code 8 t + s. The grid is symmetric (g[c] = -g[15 - c]): the code's
-  top bit is the sign (0 = negative) and the magnitude index is ``c & 7`` for c >= 8, ``7 - c``
-  for c < 8, i.e. ``(c ^ 7 * (1 - bit3)) & 7``; the sign byte comes from a prmt in sign mode.
+- cb = 4: word t, nibble s = code 8 t + s. The grid is symmetric, in one of two code orders
+  (`grid_order`): "signmag" (what `repack` writes since session 7: g[8 + i] = -g[i] = the i-th
+  smallest magnitude), where the magnitude index is ``c & 7`` (one mask for eight codes), or
+  "sorted" (ascending, g[c] = -g[15 - c]), where it is ``(c ^ 7 * (1 - bit3)) & 7`` (six ops for
+  eight codes). Either way bit 3 is the sign (0 = negative), and the sign byte comes from a prmt
+  in sign mode.
 - cb = 3: words 0 and 1 hold the low two bits of codes 0..15 and 16..31 (2-bit fields as for
   cb = 2) and word 2 holds bit 2 of every code at `BIT2_POSITION` [code], arranged so that one
   shift and one mask move the high bits of eight selector nibbles into place at once (`repack`
@@ -29,7 +32,10 @@ Code layouts read (kernel layout of `repack`, one unit = 32 codes of one column)
 
 Each program is a short list of 32-bit ops (`Op`) run by both `ptx` (inline PTX for the GPU) and
 `emulate` (jax.numpy, for `interpret=True`), so the CPU tests execute the same bit manipulations
-the GPU does.
+the GPU does. The byte tables are operands of the program (`table_words`, in that order), not
+immediates: the kernel loads them once from its table operand before the loop. With immediates,
+ptxas kept the constants in uniform registers and copied them into ordinary registers before
+every use: 0.5-0.7 extra SASS instructions per weight (Triton 3.6, sm_90; session 7).
 """
 
 from __future__ import annotations
@@ -52,15 +58,16 @@ class Op(NamedTuple):
 
 
 class Program(NamedTuple):
-    """Inputs ``w0..w{k-1}`` (uint32 words) -> ``outputs[j]`` (float32 bit patterns).
+    """Inputs ``w0..w{k-1}`` (uint32 words) and the byte tables ``tables`` (register names with
+    their values, passed as operands after the words) -> ``outputs[j]`` (float32 bit patterns).
 
-    cb = 3 programs read two words (word r, word 2) and the table moves are repeated in each:
-    they are loop-invariant constants, which ptxas keeps in registers.
+    cb = 3 programs read two words (word r, word 2); both halves use the same tables.
     """
 
     n_words: int
     ops: tuple[Op, ...]
     outputs: tuple[str, ...]  # register of the value of code j of the words' codes (see below)
+    tables: tuple[tuple[str, int], ...] = ()
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -99,20 +106,39 @@ def _grid_1d(grid_values) -> np.ndarray:
     return g
 
 
+def grid_order(grid_values) -> str | None:
+    """ "sorted" (ascending and g[n-1-c] = -g[c]), "signmag" (g[n/2 + i] = -g[i] > 0, ascending in
+    i) or None: the two code orders of a symmetric 1-D grid the decoders understand."""
+    g = _grid_1d(grid_values)
+    n = g.size
+    if n < 2 or n % 2:
+        return None
+    tol = 1e-6 * np.abs(g).max()
+    if np.all(np.diff(g) > 0) and np.allclose(g[::-1], -g, rtol=0, atol=tol):
+        return "sorted"
+    pos = g[n // 2 :]
+    if pos[0] > 0 and np.all(np.diff(pos) > 0) and np.allclose(g[: n // 2], -pos, rtol=0, atol=tol):
+        return "signmag"
+    return None
+
+
 def _check_grid(g: np.ndarray) -> int:
     n = g.size
     cb = int(n).bit_length() - 1
     if cb not in CODE_BITS or n != 1 << cb:
         raise ValueError(f"register tables need a 1-D grid of 4, 8 or 16 points, got n={n}")
-    symmetric = np.all(np.diff(g) > 0) and np.allclose(
-        g[::-1], -g, rtol=0, atol=1e-6 * np.abs(g).max()
-    )
-    if cb == 4 and not symmetric:
+    if cb == 4 and grid_order(g) is None:
         raise ValueError(
-            "the 16-point register table needs a sorted grid symmetric about 0 "
-            "(g[15 - c] = -g[c]), as the Lloyd-Max Gaussian grids are"
+            "the 16-point register table needs a grid symmetric about 0, sorted "
+            "(g[15 - c] = -g[c]) or in sign/magnitude order (g[8 + i] = -g[i] > 0), as the "
+            "Lloyd-Max Gaussian grids are"
         )
     return cb
+
+
+def _magnitudes(g: np.ndarray) -> np.ndarray:
+    """The n/2 positive levels of a symmetric grid (either order), ascending."""
+    return g[g.size // 2 :]
 
 
 def effective_grid(grid_values) -> np.ndarray:
@@ -120,9 +146,14 @@ def effective_grid(grid_values) -> np.ndarray:
     g = _grid_1d(grid_values)
     cb = _check_grid(g)
     if cb == 4:
-        mags = [byte_pair(v) for v in g[8:]]
+        mags = [byte_pair(v) for v in _magnitudes(g)]
         out = [_from_bits(_lolo(h, lo)) for h, lo in mags]
-        return np.asarray([-out[7 - c] for c in range(8)] + out, np.float32)
+        neg = (
+            [-out[c] for c in range(8)]
+            if grid_order(g) == "signmag"
+            else [-out[7 - c] for c in range(8)]
+        )
+        return np.asarray(neg + out, np.float32)
     return np.asarray([_from_bits(_lolo(*byte_pair(v))) for v in g], np.float32)
 
 
@@ -165,17 +196,17 @@ def _program_cached(grid_key: tuple[float, ...], half: int) -> Program:
             outs.append(f"v{tag}{i}")
         return outs
 
+    table_regs: list[tuple[str, int]] = []
+
     def tables(hb, lb, *extra):
         """Byte tables (4 entries: one register each; 8: two) -> the (h0, h1, l0, l1) names."""
         if len(hb) == 4:
-            movs, tabs = (("th", hb), ("tl", lb)), ("th", "th", "tl", "tl")
+            regs, tabs = (("th", hb), ("tl", lb)), ("th", "th", "tl", "tl")
         else:
-            movs = (("th0", hb[:4]), ("th1", hb[4:]), ("tl0", lb[:4]), ("tl1", lb[4:]))
+            regs = (("th0", hb[:4]), ("th1", hb[4:]), ("tl0", lb[:4]), ("tl1", lb[4:]))
             tabs = ("th0", "th1", "tl0", "tl1")
-        for name, val in movs:
-            emit("mov", name, _pack_bytes(val))
-        for name, val in extra:
-            emit("mov", name, val)
+        table_regs.extend((name, _pack_bytes(val)) for name, val in regs)
+        table_regs.extend(extra)
         return tabs
 
     def even_odd(e: str, o: str, tabs) -> tuple[str, ...]:
@@ -189,19 +220,21 @@ def _program_cached(grid_key: tuple[float, ...], half: int) -> Program:
         return tuple(vals[c] for c in range(16))
 
     if cb == 4:
-        pairs = [byte_pair(v) for v in g[8:]]  # magnitudes, ascending
+        pairs = [byte_pair(v) for v in _magnitudes(g)]  # magnitudes, ascending
         tabs = tables([h for h, _ in pairs], [lo for _, lo in pairs], ("k7f", 0x7F7F7F7F))
-        # magnitude index per nibble: c & 7 if bit3 else 7 - c = (c ^ 7) & 7
-        emit("not", "nw", "w0")
-        emit("shr", "nb", "nw", 3)
-        emit("and", "nb", "nb", 0x11111111)
-        emit("mul", "t7", "nb", 7)
-        emit("xor", "ix", "w0", "t7")
-        emit("and", "ix", "ix", 0x77777777)
+        if grid_order(g) == "signmag":  # magnitude index per nibble: c & 7
+            emit("and", "ix", "w0", 0x77777777)
+        else:  # sorted: c & 7 if bit3 else 7 - c = (c ^ 7) & 7
+            emit("not", "nw", "w0")
+            emit("shr", "nb", "nw", 3)
+            emit("and", "nb", "nb", 0x11111111)
+            emit("mul", "t7", "nb", 7)
+            emit("xor", "ix", "w0", "t7")
+            emit("and", "ix", "ix", 0x77777777)
         emit("shr", "ixh", "ix", 16)
         emit("shr", "wh", "w0", 16)
         outputs = group("ix", tabs, "w0", "a") + group("ixh", tabs, "wh", "b")
-        return Program(1, tuple(ops), tuple(outputs))
+        return Program(1, tuple(ops), tuple(outputs), tuple(table_regs))
 
     pairs = [byte_pair(v) for v in g]
     tabs = tables([h for h, _ in pairs], [lo for _, lo in pairs])
@@ -210,7 +243,7 @@ def _program_cached(grid_key: tuple[float, ...], half: int) -> Program:
         emit("shr", "so", "w0", 2)
         emit("and", "so", "so", 0x33333333)  # nibble i: code 2i + 1
         outputs = even_odd("se", "so", tabs)
-        return Program(1, tuple(ops), outputs)
+        return Program(1, tuple(ops), outputs, tuple(table_regs))
 
     # cb == 3, half r: words w0 = word r of the unit (low two bits of codes 16 r .. 16 r + 15),
     # w1 = word 2 (bit 2 of every code, at BIT2_POSITION); bit 2 of the even / odd codes moved
@@ -229,7 +262,13 @@ def _program_cached(grid_key: tuple[float, ...], half: int) -> Program:
     emit("and", "o", "o", 0x33333333)
     emit("or", "o", "o", "qo")  # nibble i: code 2i + 1
     outputs = even_odd("e", "o", tabs)
-    return Program(2, tuple(ops), outputs)
+    return Program(2, tuple(ops), outputs, tuple(table_regs))
+
+
+def table_words(grid_values) -> tuple[int, ...]:
+    """uint32 values of the table operands every program of this grid reads, in operand order
+    (the kernel's table input; `decode_words` takes them in this order)."""
+    return tuple(v for _, v in program(grid_values).tables)
 
 
 def program(grid_values, half: int = 0) -> Program:
@@ -247,9 +286,11 @@ def program(grid_values, half: int = 0) -> Program:
 # ------------------------------------------------------------------------------------ backends
 def ptx(prog: Program) -> tuple[str, str]:
     """(inline PTX text, constraint string) for `_compat.inline_asm`: outputs $0.. (f32),
-    inputs after them (the words, as b32)."""
+    inputs after them (the words, then the tables, as b32)."""
     n_out = len(prog.outputs)
     names: dict[str, str] = {f"w{i}": f"${n_out + i}" for i in range(prog.n_words)}
+    for i, (name, _) in enumerate(prog.tables):
+        names[name] = f"${n_out + prog.n_words + i}"
     out_of = {r: j for j, r in enumerate(prog.outputs)}
     regs: list[str] = []
     for op in prog.ops:
@@ -283,7 +324,7 @@ def ptx(prog: Program) -> tuple[str, str]:
         lines.append(f"mov.b32 ${j}, r_{r};")
     decl = "{ .reg .b32 " + ", ".join(f"r_{r}" for r in regs) + ";"
     text = decl + " " + " ".join(lines) + " }"
-    constraints = ",".join(["=f"] * n_out + ["r"] * prog.n_words)
+    constraints = ",".join(["=f"] * n_out + ["r"] * (prog.n_words + len(prog.tables)))
     return text, constraints
 
 
@@ -307,13 +348,20 @@ def _prmt(a, b, c):
     return out
 
 
-def emulate(prog: Program, words) -> list:
-    """Runs the program with jax.numpy: ``words`` (uint32 arrays, one per input) -> float32
-    arrays, one per output (interpret mode; the same ops the PTX runs)."""
+def emulate(prog: Program, words, tables=None) -> list:
+    """Runs the program with jax.numpy: ``words`` (uint32 arrays, one per input) and ``tables``
+    (uint32 scalars or arrays in `table_words` order; default: the program's own values) ->
+    float32 arrays, one per output (interpret mode; the same ops the PTX runs)."""
     import jax.numpy as jnp
     from jax import lax
 
     env = {f"w{i}": jnp.asarray(w, jnp.uint32) for i, w in enumerate(words)}
+    if tables is None:
+        tables = [v for _, v in prog.tables]
+    if len(tables) != len(prog.tables):
+        raise ValueError(f"program reads {len(prog.tables)} tables, got {len(tables)}")
+    for (name, _), t in zip(prog.tables, tables):
+        env[name] = jnp.asarray(t, jnp.uint32)
 
     def val(s):
         return np.uint32(s & 0xFFFFFFFF) if isinstance(s, int) else env[s]
@@ -345,28 +393,30 @@ def emulate(prog: Program, words) -> list:
 
 
 def instruction_count(prog: Program) -> int:
-    """PTX ops per program run, excluding the table moves (loop-invariant, hoisted by ptxas)."""
+    """PTX ops per program run (the tables are operands, loaded once per kernel)."""
     return sum(1 for op in prog.ops if op.op != "mov")
 
 
-def decode_words(prog: Program, words: list, *, interpret: bool) -> list:
-    """Kernel-side entry: (BKU, BN) uint32 word tiles -> float32 value tiles, one per code.
+def decode_words(prog: Program, words: list, tables: list, *, interpret: bool) -> list:
+    """Kernel-side entry: (BKU, BN) uint32 word tiles and the table values (`table_words`
+    order; uint32 scalars loaded once by the kernel) -> float32 value tiles, one per code.
 
     GPU: one inline-PTX block per element (`_compat.inline_asm`); ``interpret``: `emulate`.
     """
     if len(words) != prog.n_words:
         raise ValueError(f"program reads {prog.n_words} words, got {len(words)}")
+    if len(tables) != len(prog.tables):
+        raise ValueError(f"program reads {len(prog.tables)} tables, got {len(tables)}")
     if interpret:
-        return emulate(prog, words)
+        return emulate(prog, words, tables)
     import jax.numpy as jnp
 
     from pallas_kernels import _compat
 
     text, constraints = ptx(prog)
     shape = tuple(words[0].shape)
-    return _compat.inline_asm(
-        text, constraints, list(words), [jnp.float32] * len(prog.outputs), shape
-    )
+    args = list(words) + [jnp.broadcast_to(t, shape) for t in tables]
+    return _compat.inline_asm(text, constraints, args, [jnp.float32] * len(prog.outputs), shape)
 
 
 def jobs(grid_values, code_bits: int) -> list[tuple[Program, tuple[int, ...], int]]:

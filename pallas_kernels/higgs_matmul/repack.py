@@ -14,8 +14,17 @@ a word, so the kernel extracts a code with one shift and one mask per part. One 
 than at bit c, the order in which the register-table decoder (`regtab`) needs those bits
 (`part_shifts` gives every part's field positions).
 
-For cb in {2, 4, 8} this is *bit-identical* to the `HiggsTensor` layout (docs/ARCHITECTURE.md)
-viewed as ``[U, cb, N]``: the repack is a free reshape. For cb in {3, 6, 12} (whose codes straddle
+Code order: codes index ``grid_values`` of the `KernelPackedWeight`, which for the 16-point
+p = 1 grids is stored in *sign/magnitude order* (since session 7; `signmag_order`): code
+c < 8 is the c-th smallest magnitude, negated, and code 8 + c the same magnitude, positive. The
+register-table decoder then finds a code's magnitude index with one mask (``c & 7``) instead of
+six ops per word. `from_arrays` relabels sorted-order codes once (c -> c ^ 7 for c < 8, an
+involution on the packed nibbles, `relabel_signmag`); every decoder and the XLA reference read
+``grid_values`` in whatever order it is stored, so nothing else changes.
+
+For cb in {2, 8} (and cb = 4 with p = 2) this is *bit-identical* to the `HiggsTensor` layout
+(docs/ARCHITECTURE.md) viewed as ``[U, cb, N]``: the repack is a free reshape; p = 1 16-point
+grids take one elementwise pass over the words (the relabel above). For cb in {3, 6, 12} (whose codes straddle
 words in the HiggsTensor layout) it is a real one-time bit shuffle of the same size (cb words
 per unit, nothing wasted). Do it once at load time (`repack`) so the matmul never pays for it.
 """
@@ -144,6 +153,33 @@ class KernelPackedWeight:
         return int(total + (0 if self.signs is None else self.signs.size))
 
 
+def signmag_order(p: int, grid_values) -> np.ndarray | None:
+    """Permutation ``perm`` with ``grid_values[perm]`` in sign/magnitude order, for the p = 1
+    16-point grids stored sorted and symmetric (the Lloyd-Max Gaussian grids); None otherwise
+    (other grids keep their order). ``perm`` is its own inverse: c -> c ^ 7 for c < 8."""
+    from pallas_kernels.higgs_matmul import regtab  # lazy: regtab is only needed here
+
+    gv = np.asarray(grid_values, np.float64).reshape(len(grid_values), -1)
+    if p != 1 or gv.shape != (16, 1) or regtab.grid_order(gv[:, 0]) != "sorted":
+        return None
+    return np.asarray([c ^ 7 if c < 8 else c for c in range(16)])
+
+
+def relabel_signmag(words: jax.Array) -> jax.Array:
+    """Maps every 4-bit code c of uint32 ``words`` (8 nibbles each) to c ^ 7 if c < 8 (sorted
+    order <-> sign/magnitude order; an involution)."""
+    w = words.astype(jnp.uint32)
+    below = (~w >> np.uint32(3)) & np.uint32(0x11111111)  # 1 in the nibbles whose code is < 8
+    return w ^ (below * np.uint32(7))
+
+
+def kernel_grid_values(p: int, grid_values) -> tuple[tuple[float, ...], ...]:
+    """``grid_values`` in the order the kernel layout stores it (`signmag_order`)."""
+    gv = _grid_tuple(grid_values)
+    perm = signmag_order(p, gv)
+    return gv if perm is None else tuple(gv[int(c)] for c in perm)
+
+
 def _grid_tuple(values) -> tuple[tuple[float, ...], ...]:
     arr = np.asarray(values, np.float64)
     if arr.ndim == 1:
@@ -227,6 +263,9 @@ def from_arrays(
         raise ValueError(f"scales have shape {scales.shape}, want ({k_pad // group_size}, {N})")
     if cb in (2, 4, 8):
         words = codes_packed.reshape(units, cb, N)
+        if signmag_order(p, gv) is not None:
+            words = relabel_signmag(words)
+            gv = kernel_grid_values(p, gv)
     else:
         from higgs_jax import packing  # lazy: only the straddling widths need unpacking
 

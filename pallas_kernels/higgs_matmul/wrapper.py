@@ -189,8 +189,8 @@ def resolve_decode(
 
 def _lut(decode: str, kw: KernelPackedWeight) -> jax.Array:
     gv = np.asarray(kw.grid_values, np.float32)  # (n, p)
-    if decode == "regtab":  # tables are immediates in the PTX; the operand is unused
-        return jnp.zeros((1,), jnp.float32)
+    if decode == "regtab":  # the byte tables, loaded by the kernel once into registers
+        return jnp.asarray(np.asarray(_regtab.table_words(kw.grid_values), np.uint32))
     if decode == "gather_pair":
         bits = gv.astype(jnp.bfloat16).view(np.uint16).astype(np.uint32)
         if kw.p == 1:
