@@ -75,10 +75,13 @@ def candidates(m: int, k: int, n: int, p: int, n_grid: int, full: bool) -> list:
     return list(dict.fromkeys(out))  # Config is frozen (hashable); keeps the first of each
 
 
-def knob_candidates(m: int, k: int, n: int, p: int, n_grid: int) -> list:
+def knob_candidates(
+    m: int, k: int, n: int, p: int, n_grid: int, warps=None, fused=(False, True)
+) -> list:
     """The default tiling and the one with half the units per step, each with every word-load
     mode (lazy / eager / prefetch) x separate or fused multiply-adds (`Config.words`,
-    `Config.fused_fma`); split-K re-derived for the halved tiling."""
+    `Config.fused_fma`; ``fused``) x ``warps`` (default: the default config's); split-K
+    re-derived for the halved tiling."""
     cb = SUPPORTED[(p, n_grid)]
     base = default_config(m, k, n, p, cb / p)
     units = -(-(-(-k // p)) // 32)
@@ -88,11 +91,12 @@ def knob_candidates(m: int, k: int, n: int, p: int, n_grid: int) -> list:
         bku = bku0 // 2
         split = split_k_for(-(-units // bku), -(-n // base.block_n))
         tilings.append(dataclasses.replace(base, block_k=bku * 32 * p, split_k=split))
-    out = []
+    out = [base]
     for t in tilings:
         for words in ("lazy", "eager", "prefetch"):
-            for fused in (False, True) if base.path == "fma" else (False,):
-                out.append(dataclasses.replace(t, words=words, fused_fma=fused))
+            for f in fused if base.path == "fma" else (False,):
+                for nw in warps or (base.num_warps,):
+                    out.append(dataclasses.replace(t, words=words, fused_fma=f, num_warps=nw))
     return list(dict.fromkeys(out))
 
 
@@ -146,10 +150,10 @@ def main(argv=None) -> int:
         help="sweep these Config.decode values (x 3 tilings x fused FMA) instead of the tiling grid",
     )
     ap.add_argument(
-        "--warps", nargs="+", type=int, default=[4], help="--decoders: num_warps values to try"
+        "--warps", nargs="+", type=int, default=[4], help="--decoders/--knobs: num_warps to try"
     )
     ap.add_argument(
-        "--fused-only", action="store_true", help="--decoders: fused FMAs only (fma path)"
+        "--fused-only", action="store_true", help="--decoders/--knobs: fused FMAs only (fma path)"
     )
     ap.add_argument("--reps", type=int, default=64)
     ap.add_argument("--budget-s", type=float, default=480)
@@ -202,7 +206,15 @@ def main(argv=None) -> int:
                     fused=(True,) if args.fused_only else (False, True),
                 )
             elif args.knobs:
-                cands = knob_candidates(args.m, k, n, p, n_grid)
+                cands = knob_candidates(
+                    args.m,
+                    k,
+                    n,
+                    p,
+                    n_grid,
+                    warps=tuple(args.warps),
+                    fused=(True,) if args.fused_only else (False, True),
+                )
             else:
                 cands = candidates(args.m, k, n, p, n_grid, args.full)
             for i, cfg in enumerate(cands):
