@@ -47,7 +47,7 @@ METRICS = (
     "l1tex__t_sectors_pipe_lsu_mem_local_op_ld.sum",
 )
 
-PROFILE_PATHS = ("gemv", "fma", "fma_tiles", "dot", "wide")
+PROFILE_PATHS = ("default", "gemv", "fma", "fma_tiles", "dot", "wide")
 GRIDS = {"p1_2b": (1, 4), "p1_3b": (1, 8), "p1_4b": (1, 16), "p2_2b": (2, 16), "p2_3b": (2, 64), "p2_4b": (2, 256)}
 
 
@@ -61,7 +61,7 @@ def variants(
     for name in grids:
         p, ng = GRIDS[name]
         base = default_config(m, k, n, p, 0)
-        cb = {4: 2, 16: 4, 64: 6, 256: 8}[ng]
+        cb = {4: 2, 8: 3, 16: 4, 64: 6, 256: 8}[ng]
         cfgs = []
         if "gemv" in paths and cb in (2, 4, 8):
             g = dataclasses.replace(base, path="gemv", block_k=(8 if cb <= 4 else 4) * 32 * p)
@@ -72,6 +72,8 @@ def variants(
                     if not defaults_only:
                         cfgs.append(dataclasses.replace(b, block_k=b.block_k // 2))
                         cfgs.append(dataclasses.replace(b, split_k=b.split_k * 2))
+        if "default" in paths:  # what higgs_matmul_pallas runs (decode "auto")
+            cfgs.append(base)
         if "fma" in paths and m <= 8:
             dec = "gather_pair" if (p == 2 or cb in (2, 4)) else "gather"
             cfgs.append(dataclasses.replace(base, path="fma", decode=dec))
@@ -220,7 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--time", action="store_true", help="time the full op (fori_loop) instead")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, interpret mode (CPU)")
     ap.add_argument(
-        "--paths", default="gemv,fma", help="kernel paths to sweep: gemv, fma, fma_tiles (M <= 8 tiling sweep), dot, wide"
+        "--paths", default="gemv,fma", help="kernel paths to sweep: default (default_config, decode auto), gemv, fma, "
+        "fma_tiles (M <= 8 tiling sweep), dot, wide"
     )
     args = ap.parse_args(argv)
     bad = [t for t in args.paths.split(",") if t not in PROFILE_PATHS]
