@@ -124,7 +124,12 @@ def main(argv=None) -> int:
     import jax
 
     p, n = GRIDS[args.grid]
-    k, ncols = (int(t) for t in args.shape.split("x"))
+    try:
+        k, ncols = (int(t) for t in args.shape.split("x"))
+    except ValueError:
+        ap.error(f"--shape must be KxN with positive integers, got {args.shape!r}")
+    if k <= 0 or ncols <= 0 or args.m <= 0:
+        ap.error(f"--shape {args.shape!r} and --m {args.m} must be positive")
     cfg = default_config(args.m, k, ncols, p, SUPPORTED[(p, n)] / p)
     over = {
         "block_k": args.block_k,

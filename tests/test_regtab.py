@@ -92,6 +92,8 @@ def test_signmag_relabel_is_an_involution_and_keeps_the_weights():
         np.random.default_rng(0).integers(0, 2**32, size=(6, 5), dtype=np.uint64), jnp.uint32
     )
     np.testing.assert_array_equal(relabel_signmag(relabel_signmag(w)), w)
+    with pytest.raises(ValueError, match="float32"):
+        relabel_signmag(jnp.zeros((2, 2), jnp.float32))
     g = _gauss(16)
     codes = np.random.default_rng(1).integers(0, 16, size=(64, 3))
     kw = from_arrays(

@@ -41,3 +41,11 @@ def test_loop_counts_takes_the_longest_backward_loop():
     )
     cnt = sass_count.loop_counts(sass)
     assert cnt == {"PRMT": 2, "FFMA": 1, "BRA": 1}
+
+
+def test_bad_shape_is_named(capsys, tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        sass_count.main(["--shape", "8192by28672", "--out", str(tmp_path)])
+    assert "8192by28672" in capsys.readouterr().err

@@ -78,3 +78,27 @@ def test_unknown_decoder_is_named(capsys, tmp_path):
     with pytest.raises(SystemExit):
         tile_sweep.main(["--out", str(tmp_path), "--decoders", "regtab", "magic"])
     assert "'magic'" in capsys.readouterr().err
+
+
+def test_decoder_candidates_take_warps_and_fused_only():
+    cands = tile_sweep.decoder_candidates(
+        1, 8192, 28672, 1, 16, ["regtab"], warps=(4, 8), fused=(True,)
+    )
+    assert {c.num_warps for c in cands[1:]} == {4, 8}
+    assert all(c.fused_fma for c in cands[1:])
+    knobs = tile_sweep.knob_candidates(1, 8192, 28672, 1, 16, warps=(8,), fused=(True,))
+    assert knobs[0].num_warps == 4 and {c.num_warps for c in knobs[1:]} == {8}
+
+
+def test_bad_warps_are_named(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        tile_sweep.main(["--out", str(tmp_path), "--decoders", "regtab", "--warps", "3"])
+    assert "[3]" in capsys.readouterr().err
+
+
+def test_kernel_bench_unknown_grid_is_named(capsys):
+    from benchmarks import kernel_bench
+
+    with pytest.raises(SystemExit):
+        kernel_bench.main(["--mode", "smoke", "--grids", "p1_4b,p9_1b"])
+    assert "p9_1b" in capsys.readouterr().err

@@ -168,6 +168,8 @@ def signmag_order(p: int, grid_values) -> np.ndarray | None:
 def relabel_signmag(words: jax.Array) -> jax.Array:
     """Maps every 4-bit code c of uint32 ``words`` (8 nibbles each) to c ^ 7 if c < 8 (sorted
     order <-> sign/magnitude order; an involution)."""
+    if not jnp.issubdtype(words.dtype, jnp.integer):
+        raise ValueError(f"words must be an integer (uint32) array, got dtype {words.dtype}")
     w = words.astype(jnp.uint32)
     below = (~w >> np.uint32(3)) & np.uint32(0x11111111)  # 1 in the nibbles whose code is < 8
     return w ^ (below * np.uint32(7))
