@@ -269,6 +269,14 @@ def bench_entry(k, n_cols, m, p, n, cfg, reps, key, with_kernel_only=True):
 
 
 def main(argv=None) -> int:
+    saved = list(GRIDS)
+    try:
+        return _main(argv)
+    finally:
+        GRIDS[:] = saved  # --grids narrows the module's grid list for one run only
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["explore", "full", "all", "smoke"], default="all")
     ap.add_argument("--explore-s", type=float, default=200)

@@ -34,6 +34,7 @@ from benchmarks.kernel_bench import random_weight
 from pallas_kernels.higgs_matmul import default_config
 from pallas_kernels.higgs_matmul.config import split_k_for, wide_config
 from pallas_kernels.higgs_matmul import wrapper as _wrapper
+from pallas_kernels.higgs_matmul.repack import SUPPORTED
 
 METRICS = (
     "gpu__time_duration.sum",
@@ -61,7 +62,7 @@ def variants(
     for name in grids:
         p, ng = GRIDS[name]
         base = default_config(m, k, n, p, 0)
-        cb = {4: 2, 8: 3, 16: 4, 64: 6, 256: 8}[ng]
+        cb = SUPPORTED[(p, ng)]
         cfgs = []
         if "gemv" in paths and cb in (2, 4, 8):
             g = dataclasses.replace(base, path="gemv", block_k=(8 if cb <= 4 else 4) * 32 * p)

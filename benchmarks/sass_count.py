@@ -52,7 +52,7 @@ def capture_ttir(x, w, cfg) -> str:
     """Triton IR (text) of the kernel of ``higgs_matmul_pallas(x, w, config=cfg)``, lowered for
     "cuda" without compiling (works on a CPU-only jaxlib)."""
     import jax
-    from jax._src.pallas.triton import lowering, pallas_call_registration as reg
+    from jax._src.pallas.triton import pallas_call_registration as reg
 
     from pallas_kernels.higgs_matmul import wrapper
 
@@ -70,7 +70,6 @@ def capture_ttir(x, w, cfg) -> str:
         fn.trace(x, w).lower(lowering_platforms=("cuda",))
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = orig
-    del lowering
     if not mods:
         raise RuntimeError("no Pallas Triton kernel was lowered for this call")
     return mods[-1]
