@@ -75,9 +75,7 @@ def capture_ttir(x, w, cfg) -> str:
     return mods[-1]
 
 
-def loop_counts(sass: str) -> collections.Counter:
-    """Opcode counts of the longest backward-branch loop of an nvdisasm listing (Triton's
-    format: control codes, a tab, the instruction; labels on their own lines)."""
+def _instructions(sass: str) -> tuple[list[str], dict[str, int]]:
     ins, labels = [], {}
     for line in sass.splitlines():
         s = line.strip()
@@ -86,6 +84,26 @@ def loop_counts(sass: str) -> collections.Counter:
             labels[m.group(1)] = len(ins)
         elif "\t" in s and s.endswith(";"):
             ins.append(s.split("\t", 1)[1].rstrip(";"))
+    return ins, labels
+
+
+def _opcodes(ins: list[str]) -> collections.Counter:
+    cnt: collections.Counter = collections.Counter()
+    for t in ins:
+        t = re.sub(r"^@!?U?P\w+\s+", "", t)
+        cnt[t.split()[0]] += 1
+    return cnt
+
+
+def whole_counts(sass: str) -> collections.Counter:
+    """Opcode counts of a whole nvdisasm listing."""
+    return _opcodes(_instructions(sass)[0])
+
+
+def loop_counts(sass: str) -> collections.Counter:
+    """Opcode counts of the longest backward-branch loop of an nvdisasm listing (Triton's
+    format: control codes, a tab, the instruction; labels on their own lines)."""
+    ins, labels = _instructions(sass)
     best = None
     for i, text in enumerate(ins):
         m = re.search(r"BRA\s+(\.?L\w+)", text)
@@ -94,12 +112,11 @@ def loop_counts(sass: str) -> collections.Counter:
             if best is None or span[1] - span[0] > best[1] - best[0]:
                 best = span
     if best is None:
-        raise ValueError("no loop found in the SASS listing")
-    cnt: collections.Counter = collections.Counter()
-    for t in ins[best[0] : best[1] + 1]:
-        t = re.sub(r"^@!?U?P\w+\s+", "", t)
-        cnt[t.split()[0]] += 1
-    return cnt
+        raise ValueError(
+            "no loop found in the SASS listing (ptxas unrolls short static loops: try a larger "
+            "--block-k or a smaller --split-k so each program runs more steps)"
+        )
+    return _opcodes(ins[best[0] : best[1] + 1])
 
 
 def main(argv=None) -> int:
@@ -116,9 +133,11 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--out", required=True)
     ap.add_argument("--triton-python", default=sys.executable)
-    for name in ("block-k", "block-n", "split-k", "warps", "stages"):
+    for name in ("block-k", "block-n", "split-k", "warps", "stages", "block-m"):
         ap.add_argument(f"--{name}", type=int, default=None)
     ap.add_argument("--decode", default=None)
+    ap.add_argument("--path", default=None, choices=("fma", "dot", "wide", "gemv"))
+    ap.add_argument("--no-tile-scale", action="store_true", help="Config(tile_scale=False)")
     args = ap.parse_args(argv)
     import jax
 
@@ -137,6 +156,9 @@ def main(argv=None) -> int:
         "num_warps": args.warps,
         "num_stages": args.stages,
         "decode": args.decode,
+        "path": args.path,
+        "block_m": args.block_m,
+        "tile_scale": False if args.no_tile_scale else None,
     }
     cfg = dataclasses.replace(cfg, **{a: v for a, v in over.items() if v is not None})
     w = random_weight(jax.random.key(0), k, ncols, p, n)
@@ -154,11 +176,20 @@ def main(argv=None) -> int:
         print(res.stderr[-3000:], file=sys.stderr)
         return res.returncode
     info = json.loads(res.stdout.strip().splitlines()[-1])
-    cnt = loop_counts(ttir.with_suffix(".sass").read_text())
+    sass = ttir.with_suffix(".sass").read_text()
     bku = cfg.block_k // (32 * p)
+    try:
+        cnt, per = loop_counts(sass), 1
+    except ValueError:
+        # ptxas unrolled the whole loop: count the kernel and spread it over its steps (the
+        # per-weight figure then includes the prologue and epilogue).
+        units = -(-(-(-k // p)) // 32)
+        per = max(1, -(-units // (bku * cfg.split_k)))
+        cnt = whole_counts(sass)
+        print(f"no loop in the SASS (fully unrolled): whole kernel / {per} steps")
     threads = 32 * cfg.num_warps
     rows = cfg.block_m if cfg.path in ("dot", "wide") else 1
-    weights = bku * 32 * p * cfg.block_n / threads  # per thread per loop step (one M block)
+    weights = bku * 32 * p * cfg.block_n / threads * per  # per thread, per loop (one M block)
     total = sum(cnt.values())
     alu = sum(c for op, c in cnt.items() if op.split(".")[0] in ALU_OPS)
     print(f"{args.grid} {args.shape} M={args.m} {cfg}")

@@ -131,6 +131,35 @@ def decoder_candidates(
     return list(dict.fromkeys(out))
 
 
+def parse_variant(text: str) -> dict:
+    """``"path=dot,num_warps=8"`` -> Config overrides (ints, true/false, strings); "default" or
+    "" -> no overrides. Unknown field names raise ValueError naming them."""
+    from pallas_kernels.higgs_matmul import Config
+
+    fields = set(Config.__dataclass_fields__)
+    out: dict = {}
+    if text in ("", "default"):
+        return out
+    for item in text.split(","):
+        name, sep, val = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"variant item {item!r}: expected FIELD=VALUE with FIELD in {sorted(fields)}")
+        if val.lower() in ("true", "false"):
+            out[name] = val.lower() == "true"
+        elif val.lstrip("-").isdigit():
+            out[name] = int(val)
+        else:
+            out[name] = val
+    return out
+
+
+def variant_candidates(m: int, k: int, n: int, p: int, n_grid: int, variants) -> list:
+    """The default config, then the default with each variant's overrides (`parse_variant`)."""
+    base = default_config(m, k, n, p, SUPPORTED[(p, n_grid)] / p)
+    out = [base] + [dataclasses.replace(base, **parse_variant(v)) for v in variants]
+    return list(dict.fromkeys(out))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -155,6 +184,13 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--fused-only", action="store_true", help="--decoders/--knobs: fused FMAs only (fma path)"
     )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help='time these overrides of the default config instead of the tiling grid, e.g. '
+        '"path=dot,block_k=512" "num_warps=8"',
+    )
     ap.add_argument("--reps", type=int, default=64)
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--smoke", action="store_true", help="tiny shape, interpret mode (CPU)")
@@ -165,6 +201,11 @@ def main(argv=None) -> int:
         ap.error(f"--decoders: unknown {bad}; choose from {list(DECODES)}")
     if any(w not in (1, 2, 4, 8, 16) for w in args.warps):
         ap.error(f"--warps: each value must be a power of two up to 16, got {args.warps}")
+    for v in args.variants or ():
+        try:
+            parse_variant(v)
+        except ValueError as e:
+            ap.error(f"--variants: {e}")
     if args.smoke:
         shapes = [(512, 256)]
     out = Path(args.out)
@@ -194,7 +235,9 @@ def main(argv=None) -> int:
             ]
             x = jax.random.normal(jax.random.fold_in(key, 99), (args.m, k), jnp.bfloat16)
             ref = np.asarray(higgs_matmul_reference(x.astype(jnp.float32), kw0), np.float64)
-            if args.decoders:
+            if args.variants:
+                cands = variant_candidates(args.m, k, n, p, n_grid, args.variants)
+            elif args.decoders:
                 cands = decoder_candidates(
                     args.m,
                     k,
@@ -238,7 +281,8 @@ def main(argv=None) -> int:
                 print(
                     f"{gname} {k}x{n} bn={cfg.block_n} bku={cfg.block_k // (32 * p)} "
                     f"split={cfg.split_k} warps={cfg.num_warps} words={cfg.words} "
-                    f"fused={int(cfg.fused_fma)} decode={cfg.decode}"
+                    f"fused={int(cfg.fused_fma)} decode={cfg.decode} path={cfg.path} "
+                    f"bm={cfg.block_m} ts={int(cfg.tile_scale)}"
                     f"{' (default)' if i == 0 else ''}: "
                     + (
                         f"{row['us']:.1f} us" if "us" in row else row.get("error", "ok (no timing)")

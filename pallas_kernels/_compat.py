@@ -13,6 +13,7 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 # Triton supports NVIDIA GPUs from compute capability 8.0 (Ampere) in current releases; older
 # chips (T4 is 7.5) still compile for most kernels but Triton dropped official support.
@@ -218,3 +219,58 @@ def inline_asm(
             result_shape_dtypes=tuple(jax.ShapeDtypeStruct(shape, d) for d in out_dtypes),
         )
     )
+
+
+_DOT_ACC_P = None
+
+
+def _dot_acc_primitive():
+    """``acc + a @ b`` as one Triton ``tt.dot`` with ``acc`` as its accumulator operand.
+
+    jax's lowering of ``jnp.dot`` in a Pallas Triton kernel always emits ``tt.dot(a, b, 0)``
+    followed by an ``arith.addf`` with the running sum, and Triton 3.6 does not fold the two:
+    the SASS keeps one FADD per output element per dot (session 8, `benchmarks/sass_count.py`).
+    Private jax modules: keep this function the only place that touches them.
+    """
+    global _DOT_ACC_P
+    if _DOT_ACC_P is not None:
+        return _DOT_ACC_P
+    with quiet_triton_deprecation():
+        from jax._src import core as jax_core
+        from jax._src.lib.triton import dialect as tt_dialect
+        from jax._src.pallas.triton import lowering as tl_lowering
+
+    prim = jax_core.Primitive("higgs_dot_acc")
+
+    @prim.def_abstract_eval
+    def _abstract(a, b, acc):
+        return jax_core.ShapedArray(acc.shape, acc.dtype)
+
+    def _lower(ctx, a, b, acc):
+        del ctx
+        return tt_dialect.dot(a, b, acc, input_precision=None)
+
+    tl_lowering.register_lowering(prim)(_lower)
+    _DOT_ACC_P = prim
+    return prim
+
+
+def dot_acc(a: jax.Array, b: jax.Array, acc: jax.Array, *, interpret: bool) -> jax.Array:
+    """``acc + a @ b`` with f32 accumulation inside a kernel: (M, K) x (K, N) + (M, N) f32.
+
+    ``a`` and ``b`` share one 16-bit float dtype (a tensor-core dot). On the GPU this is one
+    ``tt.dot`` carrying ``acc`` (see `_dot_acc_primitive`); with ``interpret`` the same sum in
+    jax.numpy.
+    """
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"dot_acc needs (M, K) x (K, N), got {a.shape} x {b.shape}")
+    if acc.shape != (a.shape[0], b.shape[1]) or acc.dtype != jnp.float32:
+        raise ValueError(
+            f"dot_acc needs a float32 accumulator of shape {(a.shape[0], b.shape[1])}, got "
+            f"{acc.dtype}{list(acc.shape)}"
+        )
+    if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"dot_acc needs two bf16 or two f16 operands, got {a.dtype}, {b.dtype}")
+    if interpret:
+        return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
+    return _dot_acc_primitive().bind(a, b, acc)

@@ -28,6 +28,7 @@ from pallas_kernels.higgs_matmul import (
 )
 from pallas_kernels.higgs_matmul.reference import decode_rotated
 from pallas_kernels.higgs_matmul.repack import SUPPORTED, pack_kernel_words, unpack_kernel_words
+from pallas_kernels.higgs_matmul.wrapper import tile_scale_applies
 
 GRIDS = sorted(SUPPORTED)  # (p, n): p in {1, 2} x bits in {2, 3, 4}, p = 4 x bits in {2, 3}
 # Relative (Frobenius) tolerance vs the f32 reference, keyed by the kernel's operand precision:
@@ -451,6 +452,95 @@ def test_dot_path_needs_16_units_per_step():
         higgs_matmul_pallas(
             jnp.zeros((20, 256)), make_weight(256, 16, 1, 16), config=cfg, interpret=True
         )
+
+
+TILE_SCALE_CASES = [  # (p, n, decode): a tile of 16 units inside one scale group of 16 units
+    (1, 16, "regtab"),
+    (1, 8, "regtab"),
+    (1, 4, "gather"),
+    (2, 16, "auto"),
+]
+
+
+@pytest.mark.parametrize("p,n,decode", TILE_SCALE_CASES)
+def test_dot_path_tile_scale(p, n, decode):
+    """Dot path with one scale group per tile: the planes' dots chain into an unscaled tile sum,
+    scaled once per column (`Config.tile_scale`). Three groups, odd K (padding), masked columns
+    (40 of 48), two M blocks: it matches the reference and the per-weight-scaled kernel."""
+    k, n_cols, m = 1100, 40, 20
+    w = make_weight(k, n_cols, p, n, g=32 * p * 16, seed=11 * p + n)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(m, k)), jnp.bfloat16)
+    b = jnp.asarray(np.random.default_rng(4).normal(size=n_cols), jnp.float32)
+    cfg = _cfg("dot", p, decode)
+    assert tile_scale_applies(w, cfg)
+    assert not tile_scale_applies(w, dataclasses.replace(cfg, tile_scale=False))
+    assert not tile_scale_applies(make_weight(k, n_cols, p, n), cfg)  # groups of 2 units
+    assert not tile_scale_applies(w, _cfg("fma", p, decode))
+    y = higgs_matmul_pallas(x, w, bias=b, config=cfg, interpret=not _on_gpu())
+    y0 = higgs_matmul_pallas(
+        x, w, bias=b, config=dataclasses.replace(cfg, tile_scale=False), interpret=not _on_gpu()
+    )
+    r = higgs_matmul_reference(x.astype(jnp.float32), w, bias=b)
+    assert y.shape == (m, n_cols) and y.dtype == x.dtype
+    assert rel_err(y, r) < 1e-2, rel_err(y, r)
+    assert rel_err(y, y0) < 1e-2, rel_err(y, y0)
+
+
+def test_dot_path_tile_scale_identity():
+    """x = I through the tile-scaled dot path returns every decoded weight exactly: the byte
+    tables' value rounded to the bf16 dot operand, times the scale (an exact f32 product)."""
+    from pallas_kernels.higgs_matmul import regtab
+
+    k = 1024
+    w = make_weight(k, 16, 1, 16, g=512, seed=2)  # two groups of 16 units
+    eff = np.asarray(regtab.effective_grid(w.grid_values), np.float32)
+    w_bf = _with_grid(w, np.asarray(jnp.asarray(eff, jnp.bfloat16), np.float32))
+    cfg = dataclasses.replace(_cfg("dot", 1, "regtab"), split_k=1)
+    assert tile_scale_applies(w, cfg)
+    x = jnp.eye(k, dtype=jnp.float32)
+    got = jnp.concatenate(
+        [
+            higgs_matmul_pallas(x[i : i + 256], w, config=cfg, interpret=not _on_gpu())
+            for i in range(0, k, 256)
+        ]
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(decode_rotated(w_bf)))
+
+
+def test_dot_acc_bad_input():
+    from pallas_kernels import _compat
+
+    a = jnp.zeros((16, 32), jnp.bfloat16)
+    b = jnp.zeros((32, 16), jnp.bfloat16)
+    acc = jnp.zeros((16, 16), jnp.float32)
+    np.testing.assert_array_equal(_compat.dot_acc(a, b, acc + 1, interpret=True), 1.0)
+    with pytest.raises(ValueError, match=r"\(16, 32\) x \(16, 32\)"):
+        _compat.dot_acc(a, a, acc, interpret=True)
+    with pytest.raises(ValueError, match=r"float32 accumulator of shape \(16, 16\), got bfloat16"):
+        _compat.dot_acc(a, b, acc.astype(jnp.bfloat16), interpret=True)
+    with pytest.raises(ValueError, match="two bf16 or two f16 operands, got float32, bfloat16"):
+        _compat.dot_acc(a.astype(jnp.float32), b, acc, interpret=True)
+    with pytest.raises(ValueError, match="tile_scale must be a bool, got 1"):
+        Config(tile_scale=1)
+
+
+def test_dot_path_ir_carries_the_accumulator():
+    """The dot path's Triton IR (lowered for "cuda" on the CPU) feeds every plane's dot the
+    running sum as its accumulator operand: no dot result goes through a separate add (which
+    Triton 3.6 does not fold: one FADD per output element per plane)."""
+    import re
+
+    from benchmarks.sass_count import capture_ttir
+
+    w = make_weight(1024, 128, 1, 16, g=512)
+    x = jnp.zeros((16, 1024), jnp.bfloat16)
+    for ts in (True, False):
+        cfg = dataclasses.replace(_cfg("dot", 1, "regtab"), block_n=128, tile_scale=ts)
+        ir = capture_ttir(x, w, cfg)
+        dots = re.findall(r"(%\w+) = tt\.dot ", ir)
+        assert len(dots) == 32  # one per plane in the loop body
+        adds = re.findall(r"= arith\.addf (%\w+), (%\w+)", ir)
+        assert not {v for pair in adds for v in pair} & set(dots)
 
 
 def test_regtab_bad_input():

@@ -102,3 +102,28 @@ def test_kernel_bench_unknown_grid_is_named(capsys):
     with pytest.raises(SystemExit):
         kernel_bench.main(["--mode", "smoke", "--grids", "p1_4b,p9_1b"])
     assert "p9_1b" in capsys.readouterr().err
+
+
+def test_variants_override_the_default_config(tmp_path):
+    assert tile_sweep.parse_variant("default") == {}
+    assert tile_sweep.parse_variant("path=dot,block_k=512,tile_scale=false") == {
+        "path": "dot",
+        "block_k": 512,
+        "tile_scale": False,
+    }
+    cands = tile_sweep.variant_candidates(16, 8192, 28672, 1, 16, ["tile_scale=false", "default"])
+    assert len(cands) == 2 and cands[0].tile_scale and not cands[1].tile_scale
+    assert cands[1].block_k == cands[0].block_k  # everything else is the default's
+    tile_sweep.main(
+        ["--out", str(tmp_path), "--smoke", "--grids", "p1_2b", "--m", "16", "--variants",
+         "tile_scale=false"]
+    )
+    rows = json.loads((tmp_path / "tile_sweep.json").read_text())["rows"]
+    assert [r["tile_scale"] for r in rows] == [True, False]
+    assert all(r["rel_err"] < 2e-2 for r in rows)
+
+
+def test_bad_variant_is_named(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        tile_sweep.main(["--out", str(tmp_path), "--variants", "num_warps=8", "warp=8"])
+    assert "'warp=8'" in capsys.readouterr().err

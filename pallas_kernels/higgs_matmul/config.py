@@ -52,6 +52,9 @@ class Config:
         are issued at the top of each step and carried in registers to the next one).
       fused_fma: "fma" path: inline-PTX fused multiply-adds (and, with the bf16-pair decoder,
         the pair unpacking in the same PTX block) instead of a separate multiply and add.
+      tile_scale: "dot" path: where every loop step's tile lies inside one scale group (group
+        size a multiple of block_k), chain the planes' dots into one unscaled tile sum and scale
+        it once per (tile, column) instead of scaling every decoded weight. Ignored elsewhere.
     """
 
     block_n: int = 128
@@ -65,6 +68,7 @@ class Config:
     volatile: bool = False
     words: str = "lazy"
     fused_fma: bool = False
+    tile_scale: bool = True
 
     def __post_init__(self):
         for name in ("block_n", "num_warps", "block_m"):
@@ -85,6 +89,8 @@ class Config:
             raise ValueError(f"words must be one of {WORD_LOADS}, got {self.words!r}")
         if not isinstance(self.fused_fma, bool):
             raise ValueError(f"fused_fma must be a bool, got {self.fused_fma!r}")
+        if not isinstance(self.tile_scale, bool):
+            raise ValueError(f"tile_scale must be a bool, got {self.tile_scale!r}")
         if self.path in ("dot", "wide") and self.block_m < 16:
             raise ValueError(
                 f"block_m must be >= 16 on the {self.path} path (tensor-core dot), got "

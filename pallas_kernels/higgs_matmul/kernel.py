@@ -321,6 +321,7 @@ def higgs_matmul_kernel(
     xblk: int,
     words: str = "lazy",
     fused_fma: bool = False,
+    tile_scale: bool = False,
     interpret: bool = False,
 ):
     """Kernel body; see the module docstring. Plane-path options (`Config`):
@@ -333,6 +334,9 @@ def higgs_matmul_kernel(
     fused_fma: "fma" path: multiply-adds as inline-PTX fused multiply-adds (XLA's Triton pipeline
       emits a separate FMUL and FADD otherwise); with the bf16-pair decoder, the pair unpacking
       and both products are one PTX block. ``interpret`` swaps in the same arithmetic in jnp.
+    tile_scale: "dot" path, only when every tile lies inside one scale group (the group size in
+      units is a multiple of BKU; the wrapper decides): the planes' dots chain into one unscaled
+      (BM, BN) tile sum, scaled once per (tile, column), instead of scaling every decoded weight.
     """
     j = pl.program_id(0)
     s = pl.program_id(1)
@@ -375,15 +379,24 @@ def higgs_matmul_kernel(
             nxt = load_words(u1, live if m1 is None else (m1 & live))
         else:
             nxt = ahead
-        mask, scl = tile_mask_and_scales(
-            s_ref,
-            rows,
-            cols,
-            group_units_num=group_units_num,
-            group_units_den=group_units_den,
-            num_groups=num_groups,
-            **mask_kw,
-        )
+        if tile_scale:
+            # The whole tile sits in scale group g: one (1, BN) scale row, applied after the dots.
+            mask = tile_mask(rows, cols, **mask_kw)
+            g = jnp.minimum((u0 * group_units_num) // group_units_den, num_groups - 1)
+            c1 = jnp.minimum(cols, n_cols - 1) if mask_cols else cols
+            g1 = jnp.broadcast_to(g, (1, bn))
+            cm = (cols < n_cols) if mask_cols else None
+            scl = _compat.load(s_ref.at[g1, c1], mask=cm, other=0).astype(jnp.float32)
+        else:
+            mask, scl = tile_mask_and_scales(
+                s_ref,
+                rows,
+                cols,
+                group_units_num=group_units_num,
+                group_units_den=group_units_den,
+                num_groups=num_groups,
+                **mask_kw,
+            )
         if path == "wide":
             return state + _wide_tile_dot(
                 x_ref,
@@ -424,7 +437,13 @@ def higgs_matmul_kernel(
             acc = state
         pair1 = decode == "gather_pair" and p == 1
         fused_pair = fused_fma and path == "fma" and decode == "gather_pair"
-        dot_acc = [None if path == "fma" else acc]
+        # dot path: the running sum the planes' dots accumulate into (their accumulator operand,
+        # `_compat.dot_acc`): the program's (BM, BN) sum, or with tile_scale this tile's
+        # unscaled sum.
+        if path == "fma":
+            dot_acc = [None]
+        else:
+            dot_acc = [jnp.zeros((bm, bn), jnp.float32) if tile_scale else acc]
 
         def consume(vals, slots):  # decoded (BKU, BN) values of (coordinate, plane) slots
             for v, (d, cc) in zip(vals, slots):
@@ -439,8 +458,8 @@ def higgs_matmul_kernel(
                             partial[m] = partial[m] + xs.astype(jnp.float32)[:, None] * v
                 else:
                     xs = x_plane(x_ref, pl.ds(i * bm, bm), d, cc, u0, bku=bku, xblk=xblk)
-                    wv = (v * scl).astype(xs.dtype)  # (BM, BKU) x (BKU, BN)
-                    dot_acc[0] = dot_acc[0] + jnp.dot(xs, wv, preferred_element_type=jnp.float32)
+                    wv = (v if tile_scale else v * scl).astype(xs.dtype)  # (BKU, BN)
+                    dot_acc[0] = _compat.dot_acc(xs, wv, dot_acc[0], interpret=interpret)
 
         if decode == "regtab":
             # Register tables (regtab.py): one inline-PTX block per word (two for 3-bit codes)
@@ -492,6 +511,8 @@ def higgs_matmul_kernel(
             consume(vals, slots)
         if path == "fma":
             return tuple(state[m] + partial[m] * scl for m in range(m_rows)), nxt
+        if tile_scale:
+            return state + dot_acc[0] * scl, nxt
         return dot_acc[0], nxt
 
     # regtab: the byte tables (`regtab.table_words`, the table operand) are read once, before the

@@ -329,6 +329,13 @@ def prepare_activations(
     return xp.reshape(mp, p * q, ux * 32 // q).astype(g["xdt"]), 0
 
 
+def tile_scale_applies(kw: KernelPackedWeight, cfg: Config) -> bool:
+    """Whether the kernel scales whole tiles after their dots (`Config.tile_scale`): the "dot"
+    path, the option on, and every loop step's BKU units inside one scale group (group size a
+    multiple of block_k; tiles start at multiples of BKU units, so they never straddle)."""
+    return cfg.path == "dot" and cfg.tile_scale and kw.group_size % cfg.block_k == 0
+
+
 def launch_kernel(
     xk: jax.Array,
     xblk: int,
@@ -392,6 +399,7 @@ def launch_kernel(
             bm=bm,
             words=cfg.words,
             fused_fma=cfg.fused_fma,
+            tile_scale=tile_scale_applies(kw, cfg),
             interpret=interpret,
             **common,
         )
