@@ -44,7 +44,8 @@ open(base + ".sass", "w").write(k.asm["sass"])
 open(base + ".cubin", "wb").write(k.asm["cubin"])
 tool = triton.__path__[0] + "/backends/nvidia/bin/cuobjdump"
 res = subprocess.run([tool, "-res-usage", base + ".cubin"], capture_output=True, text=True)
-print(json.dumps({"resources": res.stdout.strip().splitlines()[-1]}))
+print(json.dumps({"resources": res.stdout.strip().splitlines()[-1],
+                  "shared_bytes": int(getattr(k.metadata, "shared", -1))}))
 """
 
 
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
     total = sum(cnt.values())
     alu = sum(c for op, c in cnt.items() if op.split(".")[0] in ALU_OPS)
     print(f"{args.grid} {args.shape} M={args.m} {cfg}")
-    print(info["resources"])
+    print(info["resources"], f"dynamic shared memory {info.get('shared_bytes', -1)} bytes")
     print(
         f"loop: {total} instructions, {weights:.0f} weights/thread/step (x{rows} rows of M): "
         f"{total / weights:.3f} per weight, ALU-pipe {alu / weights:.3f} per weight"

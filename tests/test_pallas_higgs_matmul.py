@@ -864,11 +864,29 @@ def test_wide_config_valid(m, p):
 
 
 # -- config and bad input --------------------------------------------------------------------
-@pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
+@pytest.mark.parametrize("m", [1, 4, 5, 8, 16, 64, 256])
 def test_default_config_valid(m):
     cfg = default_config(m, 14336, 4096, 2, 4)
-    assert cfg.path == ("fma" if m <= 8 else "dot")
+    assert cfg.path == ("fma" if m <= 4 else "dot")
     assert cfg.units_per_step(2) >= 1
+
+
+def test_default_config_session8_choices():
+    """The measured session-8 defaults (config.py cites the timings): the pipelined dot path
+    from M = 5 on, two stages only for p = 1 with 16-row blocks, 16 units per step for 3-bit p = 1
+    codes, 8 warps for 4-bit p = 1 at M = 1."""
+    big = (8192, 28672)
+    assert default_config(4, *big, 1, 4.0).path == "fma"
+    assert default_config(5, *big, 1, 4.0).path == "dot"
+    assert default_config(8, *big, 1, 4.0).num_stages == 2
+    assert default_config(16, *big, 1, 2.0).num_stages == 2
+    assert default_config(64, *big, 1, 4.0).num_stages == 1
+    assert default_config(16, *big, 2, 4.0).num_stages == 1
+    assert default_config(1, *big, 1, 3.0).block_k == 16 * 32
+    assert default_config(1, 4096, 4096, 1, 3.0).block_k == 8 * 32  # small shape: halved
+    assert default_config(1, *big, 1, 4.0).num_warps == 8
+    assert default_config(2, *big, 1, 4.0).num_warps == 4
+    assert default_config(1, *big, 1, 2.0).num_warps == 4
 
 
 @pytest.mark.parametrize(

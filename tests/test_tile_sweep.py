@@ -86,7 +86,7 @@ def test_decoder_candidates_take_warps_and_fused_only():
     )
     assert {c.num_warps for c in cands[1:]} == {4, 8}
     assert all(c.fused_fma for c in cands[1:])
-    knobs = tile_sweep.knob_candidates(1, 8192, 28672, 1, 16, warps=(8,), fused=(True,))
+    knobs = tile_sweep.knob_candidates(1, 8192, 28672, 1, 8, warps=(8,), fused=(True,))
     assert knobs[0].num_warps == 4 and {c.num_warps for c in knobs[1:]} == {8}
 
 

@@ -14,6 +14,11 @@ DECODES = ("auto", "poly", "select", "gather", "gather_pair", "regtab", "byte", 
 MAX_M = 256
 #: Largest M (after padding to a power of two) the CUDA-core (fma) path handles.
 MAX_FMA_M = 8
+#: Largest M for which `default_config` picks the fma path. Measured on an H100 (session 8,
+#: p = 1, full op): at M = 8 the fma path (8 FMAs per weight, 255 registers) took 290 us at
+#: 8192x28672 4-bit against 114 us on the pipelined dot path; at M = 4 the two were within 15%
+#: of each other either way (fma 136 vs dot 113 us at 8192x28672, 41 vs 47 us at 4096x14336).
+DEFAULT_FMA_M = 4
 
 
 def _pow2(v: int) -> bool:
@@ -135,19 +140,25 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
     codes = -(-k // p)  # ceil(k / p) codes per column
     units = -(-codes // 32)  # 32-code units (cb words each) per column
     code_bits = round(bits * p)
-    if m <= MAX_FMA_M:
+    if m <= DEFAULT_FMA_M:
         # Plane kernel with pair decoding: fastest of the measured M=1 variants on an H100
         # (Nsight Compute sweeps, benchmarks/results/kernel_profile_sweep*.md; the byte-LUT
         # "gemv" path was 2-20% slower). p = 2: 16 units per step for 8-bit codes (76 vs 83 vs
         # 99 us for 16/8/4 at 8192x28672), 8 for 4/6-bit codes.
         block_n = 128 if n >= 128 else max(16, _next_pow2(n))
         # p = 4 (not swept yet): 8 units = 1024 coordinates per step, like p = 2 at 8 units.
-        # p = 1 (register-table decoder, session 6 sweep at 8192x28672): 16 units for 2- and
-        # 4-bit codes (51.1 / 72.0 us vs 53.4 / 75.5 at 8), 8 for 3-bit (58.7 vs 75.8 at 16).
-        bku = 16 if (p == 2 and code_bits == 8) or (p == 1 and code_bits in (2, 4)) else 8
+        # p = 1 (register-table decoder): 16 units for every code width. Session 6 (tables as
+        # PTX immediates) measured 2- and 4-bit at 8192x28672: 51.1 / 72.0 us vs 53.4 / 75.5
+        # at 8. Session 8 (tables as operands, sign/magnitude codes): 3-bit 61.2 vs 67.3 us at
+        # 16 vs 8 units there, within 3% at 4096x14336, 14336x4096 and 4096x4096.
+        bku = 16 if (p == 2 and code_bits == 8) or p == 1 else 8
         bku = min(bku, _next_pow2(units))
         path = "fma"
         block_m, warps = 16, 4
+        if p == 1 and code_bits == 4 and m == 1:
+            # 8 warps (session 8, full op, M = 1; M = 2..4 not measured): 64.2 vs 71.0 us at 8192x28672, 18.3 vs 19.8
+            # at 4096x4096, within 2% at 4096x14336 and 14336x4096.
+            warps = 8
     else:
         block_m = min(64, max(16, _next_pow2(m)))
         block_n = 128 if m <= 64 else 64
@@ -175,13 +186,22 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
         # p = 1 on the fma path decodes with register tables ("auto"), whose FMUL + FADD pairs
         # cost 15-20% at 8192x28672 against inline-PTX FMAs (session 6 sweep).
         fused_fma=path == "fma" and p == 1,
-        # Dot path: with 2 stages Triton's pipeliner staged the whole (BKU, cb, BN) word tile in
-        # shared memory and asked for 283-299 KB (> 227 KB) at K=14336, M=16 on an H100.
-        num_stages=1 if path == "dot" else 2,
+        num_stages=_dot_stages(p, block_m) if path == "dot" else 2,
         path=path,
         block_m=block_m,
         decode="auto",
     )
+
+
+def _dot_stages(p: int, block_m: int) -> int:
+    """Triton pipelining depth of the dot path. Two stages let Triton's pipeliner stage the next
+    tile's words in shared memory (52 KB per program at BM = 16, `benchmarks/sass_count.py`)
+    while this tile is decoded. Measured on an H100 (session 8, full op, p = 1): BM = 16 at
+    8192x28672 203 -> 116 us (4-bit), 170 -> 107 (3-bit), 157 -> 98 (2-bit); 14336x4096 62 -> 49;
+    4096-wide shapes within 8%. BM = 64 got slower at three of four shapes (e.g. 69 -> 109 us at
+    4096x14336), and with gather decoders (p > 1) two stages once asked for 283-299 KB of shared
+    memory (session 3), so those keep one stage."""
+    return 2 if p == 1 and block_m <= 16 else 1
 
 
 def wide_config(m: int, k: int, n: int, p: int, bits: float) -> Config:

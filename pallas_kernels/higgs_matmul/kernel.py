@@ -17,9 +17,11 @@ Three paths:
 - "fma" (M <= 8): plane by plane; activations in the blocked layout x[m, b, d, c, u] =
   x_rot[m, (32 (b XB + u) + c) p + d] (`x_plane`; XB units per block); CUDA-core multiply-adds into per-row accumulators of shape (BKU, BN); the scale multiplies once
   per (tile, row) rather than per weight; reduced over rows at the end.
-- "dot": plane by plane (same activation layout); the decoded, scaled plane (BKU, BN) is cast to
-  the activation dtype and fed to a tensor-core dot with the (BM, BKU) activation plane (32 p
-  dots of K = BKU per step); f32 accumulation.
+- "dot": plane by plane (same activation layout); the decoded plane (BKU, BN) is cast to the
+  activation dtype and fed to a tensor-core dot with the (BM, BKU) activation plane (32 p dots
+  of K = BKU per step), each dot carrying the running f32 sum as its accumulator
+  (`_compat.dot_acc`). Scales: per weight before the cast, or with ``tile_scale`` (a tile inside
+  one scale group) once per (tile, column) on the tile's chained sum.
 - "wide" (any M, meant for M >= 2): the whole tile at once. Each code part is loaded as one
   (BKU, w, BN) word block and unpacked with a broadcast shift to (BKU, 32, BN) (entry [u, c, n]
   = code 32 (u0 + u) + c); all codes are decoded and scaled together, and each slot e is one dot
