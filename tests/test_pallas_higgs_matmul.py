@@ -1043,10 +1043,12 @@ def test_gpu_identity(p, n):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
-def test_gpu_default_configs(m):
-    """Default configs at a real shape (K = 1024 + 64 needs K padding/masking), all M."""
-    w = make_weight(1088, 512, 1, 16, g=64)
+@pytest.mark.parametrize("m", [1, 5, 16, 64, 256])
+@pytest.mark.parametrize("n,g", [(16, 64), (4, 512), (8, 512), (16, 512)])
+def test_gpu_default_configs(m, n, g):
+    """Default configs at a real shape (K = 1024 + 64 needs K padding/masking), all M; g = 512
+    puts a dot-path tile inside one scale group (`Config.tile_scale`)."""
+    w = make_weight(1088, 512, 1, n, g=g)
     x = jnp.asarray(np.random.default_rng(m).normal(size=(m, 1088)), jnp.bfloat16)
     y = higgs_matmul_pallas(x, w)
     assert rel_err(y, higgs_matmul_reference(x.astype(jnp.float32), w)) < 1e-2
