@@ -143,7 +143,9 @@ def parse_variant(text: str) -> dict:
     for item in text.split(","):
         name, sep, val = item.partition("=")
         if not sep or name not in fields:
-            raise ValueError(f"variant item {item!r}: expected FIELD=VALUE with FIELD in {sorted(fields)}")
+            raise ValueError(
+                f"variant item {item!r}: expected FIELD=VALUE with FIELD in {sorted(fields)}"
+            )
         if val.lower() in ("true", "false"):
             out[name] = val.lower() == "true"
         elif val.lstrip("-").isdigit():

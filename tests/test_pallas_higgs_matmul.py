@@ -874,7 +874,7 @@ def test_default_config_valid(m):
 def test_default_config_session8_choices():
     """The measured session-8 defaults (config.py cites the timings): the pipelined dot path
     from M = 5 on, two stages only for p = 1 with 16-row blocks, 16 units per step for 3-bit p = 1
-    codes, 8 warps for 4-bit p = 1 at M = 1."""
+    codes and 8 warps for 4-bit p = 1, both only at M = 1 (where they were measured)."""
     big = (8192, 28672)
     assert default_config(4, *big, 1, 4.0).path == "fma"
     assert default_config(5, *big, 1, 4.0).path == "dot"
@@ -883,6 +883,7 @@ def test_default_config_session8_choices():
     assert default_config(64, *big, 1, 4.0).num_stages == 1
     assert default_config(16, *big, 2, 4.0).num_stages == 1
     assert default_config(1, *big, 1, 3.0).block_k == 16 * 32
+    assert default_config(4, *big, 1, 3.0).block_k == 8 * 32
     assert default_config(1, 4096, 4096, 1, 3.0).block_k == 8 * 32  # small shape: halved
     assert default_config(1, *big, 1, 4.0).num_warps == 8
     assert default_config(2, *big, 1, 4.0).num_warps == 4

@@ -147,17 +147,20 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
         # 99 us for 16/8/4 at 8192x28672), 8 for 4/6-bit codes.
         block_n = 128 if n >= 128 else max(16, _next_pow2(n))
         # p = 4 (not swept yet): 8 units = 1024 coordinates per step, like p = 2 at 8 units.
-        # p = 1 (register-table decoder): 16 units for every code width. Session 6 (tables as
-        # PTX immediates) measured 2- and 4-bit at 8192x28672: 51.1 / 72.0 us vs 53.4 / 75.5
-        # at 8. Session 8 (tables as operands, sign/magnitude codes): 3-bit 61.2 vs 67.3 us at
-        # 16 vs 8 units there, within 3% at 4096x14336, 14336x4096 and 4096x4096.
-        bku = 16 if (p == 2 and code_bits == 8) or p == 1 else 8
+        # p = 1 (register-table decoder): 16 units for 2- and 4-bit codes. Session 6 (tables as
+        # PTX immediates) measured them at 8192x28672: 51.1 / 72.0 us vs 53.4 / 75.5 at 8.
+        # 3-bit codes: 16 units at M = 1 (session 8: 61.2 vs 67.3 us at 8192x28672, within 3%
+        # at 4096x14336, 14336x4096 and 4096x4096), 8 above (M = 4 at 8192x28672: 157.3 us at
+        # 16 units in the session-8 kernel table vs 122.9 at 8 in that session's sweep).
+        wide_3bit = p == 1 and code_bits == 3 and m == 1
+        wide = (p == 2 and code_bits == 8) or (p == 1 and code_bits in (2, 4)) or wide_3bit
+        bku = 16 if wide else 8
         bku = min(bku, _next_pow2(units))
         path = "fma"
         block_m, warps = 16, 4
         if p == 1 and code_bits == 4 and m == 1:
-            # 8 warps (session 8, full op, M = 1; M = 2..4 not measured): 64.2 vs 71.0 us at 8192x28672, 18.3 vs 19.8
-            # at 4096x4096, within 2% at 4096x14336 and 14336x4096.
+            # 8 warps (session 8, full op, M = 1; M = 2..4 not measured): 64.2 vs 71.0 us at
+            # 8192x28672, 18.3 vs 19.8 at 4096x4096, within 2% at 4096x14336 and 14336x4096.
             warps = 8
     else:
         block_m = min(64, max(16, _next_pow2(m)))
