@@ -888,6 +888,13 @@ def test_default_config_session8_choices():
     assert default_config(1, *big, 1, 4.0).num_warps == 8
     assert default_config(2, *big, 1, 4.0).num_warps == 4
     assert default_config(1, *big, 1, 2.0).num_warps == 4
+    # The autotune space holds the other side of each choice.
+    c16 = candidate_configs(16, *big, 1, 4.0)
+    assert {c.num_stages for c in c16 if c.path == "dot"} >= {1, 2}
+    c4 = candidate_configs(4, *big, 1, 3.0)
+    dots = [c for c in c4 if c.path == "dot"]
+    assert dots and all(c.units_per_step(1) >= 16 and c.num_stages == 2 for c in dots)
+    assert not any(c.path == "dot" for c in candidate_configs(1, *big, 1, 4.0))
 
 
 @pytest.mark.parametrize(

@@ -253,6 +253,23 @@ def candidate_configs(m: int, k: int, n: int, p: int, bits: float) -> list[Confi
     out.append(dataclasses.replace(base, block_k=base.block_k * 2))
     if base.block_k // (32 * p) > 1 and base.path == "fma":
         out.append(dataclasses.replace(base, block_k=base.block_k // 2))
+    if base.path == "dot":
+        # Pipelining depth decided M = 16 on an H100 (session 8: 1.5-1.8x at 8192x28672).
+        out.append(dataclasses.replace(base, num_stages=1 if base.num_stages > 1 else 2))
+    elif m > 1:
+        # The pipelined dot path (K = 16 units per dot) against the fma path for 2 <= M <= 4.
+        dot_k = max(base.block_k, 16 * 32 * p)
+        out.append(
+            dataclasses.replace(
+                base,
+                path="dot",
+                block_k=dot_k,
+                split_k=max(1, base.split_k * base.block_k // dot_k),
+                num_warps=4,
+                num_stages=_dot_stages(p, 16),
+                fused_fma=False,
+            )
+        )
     if m > 1:
         wide = wide_config(m, k, n, p, bits)
         out += [
