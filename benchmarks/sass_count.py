@@ -57,6 +57,9 @@ def capture_ttir(x, w, cfg) -> str:
 
     from pallas_kernels.higgs_matmul import wrapper
 
+    from pallas_kernels import _compat
+
+    _compat.install_loop_stages_hook()  # wrapped first, so the text below includes its marks
     mods: list[str] = []
     orig = reg.lowering.lower_jaxpr_to_triton_module
 
@@ -139,6 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", default=None)
     ap.add_argument("--path", default=None, choices=("fma", "dot", "wide", "gemv"))
     ap.add_argument("--no-tile-scale", action="store_true", help="Config(tile_scale=False)")
+    ap.add_argument("--loop-stages", type=int, default=None, help="Config.loop_stages")
     args = ap.parse_args(argv)
     import jax
 
@@ -160,6 +164,7 @@ def main(argv=None) -> int:
         "path": args.path,
         "block_m": args.block_m,
         "tile_scale": False if args.no_tile_scale else None,
+        "loop_stages": args.loop_stages,
     }
     cfg = dataclasses.replace(cfg, **{a: v for a, v in over.items() if v is not None})
     w = random_weight(jax.random.key(0), k, ncols, p, n)

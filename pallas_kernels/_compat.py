@@ -9,6 +9,7 @@ one-file change.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from typing import Any
 
@@ -274,3 +275,72 @@ def dot_acc(a: jax.Array, b: jax.Array, acc: jax.Array, *, interpret: bool) -> j
     if interpret:
         return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
     return _dot_acc_primitive().bind(a, b, acc)
+
+
+# ----------------------------------------------------------------- pipelining a loop without a dot
+#: Kernel-name suffix that asks for a pipelined main loop: ``<name>_ls<stages>`` (`loop_stages_name`).
+_LOOP_STAGES_SUFFIX = re.compile(r"_ls(\d+)$")
+_LOOP_HOOK: bool | None = None
+
+
+def loop_stages_name(name: str, stages: int) -> str:
+    """The ``pallas_call`` name that makes `install_loop_stages_hook` mark the kernel's loops
+    with ``stages`` (unchanged for 0)."""
+    if not isinstance(stages, int) or stages < 0:
+        raise ValueError(f"loop stages must be an int >= 0, got {stages!r}")
+    return f"{name}_ls{stages}" if stages else name
+
+
+def _mark_loops(op: Any, stages: int, ir: Any) -> int:
+    """Sets ``tt.num_stages`` on every ``scf.for`` nested in ``op``; returns how many."""
+    count = 0
+    if op.name == "scf.for":
+        with op.context, ir.Location.unknown():
+            op.attributes["tt.num_stages"] = ir.IntegerAttr.get(
+                ir.IntegerType.get_signless(32), stages
+            )
+        count += 1
+    for region in op.regions:
+        for block in region:
+            for child in block:
+                count += _mark_loops(child.operation, stages, ir)
+    return count
+
+
+def install_loop_stages_hook() -> bool:
+    """Lets a Pallas Triton kernel ask Triton to software-pipeline its main loop.
+
+    Triton's pipeliner stages (cp.async into shared memory) only the loads that feed a dot, unless
+    the loop itself carries a ``tt.num_stages`` attribute, which Triton's Python frontend sets per
+    loop (``tl.range(..., num_stages=)``) and Pallas has no way to request. This wraps jax's
+    Pallas-to-Triton lowering: a module whose name ends in ``_ls<k>`` (`loop_stages_name`) gets
+    ``tt.num_stages = k`` on its ``scf.for`` loops; every other kernel is left untouched.
+    Idempotent. Returns False when this jax has no such lowering function to wrap. Private jax
+    modules: keep this function the only place that touches them.
+    """
+    global _LOOP_HOOK
+    if _LOOP_HOOK is False:
+        return False
+    try:
+        with quiet_triton_deprecation():
+            from jax._src.lib.mlir import ir
+            from jax._src.pallas.triton import lowering as tl_lowering
+        orig = tl_lowering.lower_jaxpr_to_triton_module
+    except (ImportError, AttributeError):
+        _LOOP_HOOK = False
+        return False
+    if getattr(orig, "_higgs_loop_stages", False):
+        return True  # already wrapped (someone may have swapped it since: re-check every time)
+
+    def lower(*args, **kwargs):
+        result = orig(*args, **kwargs)
+        op = result.module.operation
+        match = _LOOP_STAGES_SUFFIX.search(ir.StringAttr(op.attributes["sym_name"]).value)
+        if match:
+            _mark_loops(op, int(match.group(1)), ir)
+        return result
+
+    lower._higgs_loop_stages = True
+    tl_lowering.lower_jaxpr_to_triton_module = lower
+    _LOOP_HOOK = True
+    return True

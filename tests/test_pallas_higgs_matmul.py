@@ -543,6 +543,38 @@ def test_dot_path_ir_carries_the_accumulator():
         assert not {v for pair in adds for v in pair} & set(dots)
 
 
+@pytest.mark.parametrize("path,m", [("fma", 1), ("dot", 16)])
+def test_loop_stages_mark_the_main_loop(path, m):
+    """Config.loop_stages puts ``tt.num_stages`` on the kernel's loop in the Triton IR (lowered
+    for "cuda" on the CPU), so Triton's pipeliner also stages loads that feed no dot; without it
+    the loop carries no such attribute."""
+    import re
+
+    from benchmarks.sass_count import capture_ttir
+
+    w = make_weight(1024, 128, 1, 16, g=512)
+    x = jnp.zeros((m, 1024), jnp.bfloat16)
+    cfg = dataclasses.replace(_cfg(path, 1, "regtab"), block_n=128, split_k=1)
+    plain = capture_ttir(x, w, cfg)
+    marked = capture_ttir(x, w, dataclasses.replace(cfg, loop_stages=3))
+    assert "scf.for" in plain and "tt.num_stages" not in plain
+    # every loop (pretty form: ``} {tt.num_stages = 3 : i32}`` after its body), nothing else
+    assert marked.count("{tt.num_stages = 3 : i32}") == marked.count("scf.for ") >= 1
+    assert marked.count("tt.num_stages") == marked.count("scf.for ")
+    assert re.search(r"module @higgs_matmul_p1_cb4_\w+_ls3 ", marked)
+
+
+def test_loop_stages_bad_input():
+    from pallas_kernels import _compat
+
+    for bad in (-1, 9, "2", 2.0):
+        with pytest.raises(ValueError, match=f"loop_stages must be an int in \\[0, 8\\], got {bad!r}"):
+            Config(loop_stages=bad)
+    with pytest.raises(ValueError, match="loop stages must be an int >= 0, got -2"):
+        _compat.loop_stages_name("k", -2)
+    assert _compat.loop_stages_name("k", 0) == "k" and _compat.loop_stages_name("k", 2) == "k_ls2"
+
+
 def test_regtab_bad_input():
     x = jnp.zeros((1, 128), jnp.float32)
     with pytest.raises(ValueError, match="p=1 with code_bits"):

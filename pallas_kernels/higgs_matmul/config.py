@@ -60,6 +60,10 @@ class Config:
       tile_scale: "dot" path: where every loop step's tile lies inside one scale group (group
         size a multiple of block_k), chain the planes' dots into one unscaled tile sum and scale
         it once per (tile, column) instead of scaling every decoded weight. Ignored elsewhere.
+      loop_stages: GPU only: mark the kernel's main loop for Triton's software pipeliner with
+        this depth (`_compat.install_loop_stages_hook`), so the weight words are prefetched into
+        shared memory with async copies even on paths without a dot (fma, gemv). 0: unmarked
+        (Triton then pipelines only loads that feed a dot, per ``num_stages``).
     """
 
     block_n: int = 128
@@ -74,6 +78,7 @@ class Config:
     words: str = "lazy"
     fused_fma: bool = False
     tile_scale: bool = True
+    loop_stages: int = 0
 
     def __post_init__(self):
         for name in ("block_n", "num_warps", "block_m"):
@@ -96,6 +101,8 @@ class Config:
             raise ValueError(f"fused_fma must be a bool, got {self.fused_fma!r}")
         if not isinstance(self.tile_scale, bool):
             raise ValueError(f"tile_scale must be a bool, got {self.tile_scale!r}")
+        if not isinstance(self.loop_stages, int) or not 0 <= self.loop_stages <= 8:
+            raise ValueError(f"loop_stages must be an int in [0, 8], got {self.loop_stages!r}")
         if self.path in ("dot", "wide") and self.block_m < 16:
             raise ValueError(
                 f"block_m must be >= 16 on the {self.path} path (tensor-core dot), got "

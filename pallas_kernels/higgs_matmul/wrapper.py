@@ -405,6 +405,13 @@ def launch_kernel(
         )
         lut = _lut(decode, kw)
         name = f"higgs_matmul_p{p}_cb{cb}_{cfg.path}_{decode}"
+    if cfg.loop_stages and not interpret:
+        if not _compat.install_loop_stages_hook():
+            raise ValueError(
+                f"loop_stages={cfg.loop_stages} needs jax's Pallas Triton lowering hook, which this "
+                f"jax {jax.__version__} does not have; use loop_stages=0"
+            )
+        name = _compat.loop_stages_name(name, cfg.loop_stages)
     grid = (n_out // bn, split, mp // bm if cfg.path in ("dot", "wide") else 1)
     with _compat.quiet_triton_deprecation():
         partial = pl.pallas_call(
