@@ -9,6 +9,8 @@ candidate (a time limit keeps what was measured).
 
 Usage (GPU): PYTHONPATH=. python benchmarks/tile_sweep.py --out $OUT [--budget-s 500] [--knobs]
              [--decoders auto regtab] (decoders x tilings x fused FMA)
+             [--m 16 --variants "num_stages=2" "tile_scale=false,block_n=64"] (overrides of the
+             default config, each timed after the default)
 CPU smoke:   PYTHONPATH=. python benchmarks/tile_sweep.py --out /tmp/ts --smoke
 """
 
