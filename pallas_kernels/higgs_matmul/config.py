@@ -16,7 +16,7 @@ MAX_M = 256
 MAX_FMA_M = 8
 #: Largest M for which `default_config` picks the fma path. Measured on an H100 (session 8,
 #: p = 1, full op): at M = 8 the fma path (8 FMAs per weight, 255 registers) took 290 us at
-#: 8192x28672 4-bit against 114 us on the pipelined dot path; at M = 4 the two were within 15%
+#: 8192x28672 4-bit against 114 us on the pipelined dot path; at M = 4 the two were within 20%
 #: of each other either way (fma 136 vs dot 113 us at 8192x28672, 41 vs 47 us at 4096x14336).
 DEFAULT_FMA_M = 4
 
