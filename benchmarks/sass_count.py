@@ -166,7 +166,10 @@ def main(argv=None) -> int:
         "tile_scale": False if args.no_tile_scale else None,
         "loop_stages": args.loop_stages,
     }
-    cfg = dataclasses.replace(cfg, **{a: v for a, v in over.items() if v is not None})
+    try:
+        cfg = dataclasses.replace(cfg, **{a: v for a, v in over.items() if v is not None})
+    except ValueError as e:  # Config names the bad field and value
+        ap.error(f"config overrides: {e}")
     w = random_weight(jax.random.key(0), k, ncols, p, n)
     x = jnp.zeros((args.m, k), jnp.bfloat16)
     out = Path(args.out)

@@ -205,11 +205,13 @@ def main(argv=None) -> int:
         ap.error(f"--decoders: unknown {bad}; choose from {list(DECODES)}")
     if any(w not in (1, 2, 4, 8, 16) for w in args.warps):
         ap.error(f"--warps: each value must be a power of two up to 16, got {args.warps}")
+    from pallas_kernels.higgs_matmul import Config
+
     for v in args.variants or ():
         try:
-            parse_variant(v)
+            dataclasses.replace(Config(), **parse_variant(v))  # names a bad value too
         except ValueError as e:
-            ap.error(f"--variants: {e}")
+            ap.error(f"--variants {v!r}: {e}")
     if args.smoke:
         shapes = [(512, 256)]
     out = Path(args.out)

@@ -49,3 +49,11 @@ def test_bad_shape_is_named(capsys, tmp_path):
     with pytest.raises(SystemExit):
         sass_count.main(["--shape", "8192by28672", "--out", str(tmp_path)])
     assert "8192by28672" in capsys.readouterr().err
+
+
+def test_bad_config_override_is_named(capsys, tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        sass_count.main(["--loop-stages", "11", "--out", str(tmp_path)])
+    assert "loop_stages must be an int in [0, 8], got 11" in capsys.readouterr().err

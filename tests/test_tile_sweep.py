@@ -127,3 +127,10 @@ def test_bad_variant_is_named(capsys, tmp_path):
     with pytest.raises(SystemExit):
         tile_sweep.main(["--out", str(tmp_path), "--variants", "num_warps=8", "warp=8"])
     assert "'warp=8'" in capsys.readouterr().err
+
+
+def test_bad_variant_value_is_named(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        tile_sweep.main(["--out", str(tmp_path), "--variants", "num_warps=3"])
+    err = capsys.readouterr().err
+    assert "'num_warps=3'" in err and "num_warps must be a positive power of two, got 3" in err
