@@ -55,9 +55,8 @@ def capture_ttir(x, w, cfg) -> str:
     import jax
     from jax._src.pallas.triton import pallas_call_registration as reg
 
-    from pallas_kernels.higgs_matmul import wrapper
-
     from pallas_kernels import _compat
+    from pallas_kernels.higgs_matmul import wrapper
 
     _compat.install_loop_stages_hook()  # wrapped first, so the text below includes its marks
     mods: list[str] = []
@@ -126,7 +125,7 @@ def loop_counts(sass: str) -> collections.Counter:
 def main(argv=None) -> int:
     import jax.numpy as jnp
 
-    from benchmarks.kernel_bench import random_weight
+    from benchmarks.kernel_bench import parse_shape, random_weight
     from benchmarks.tile_sweep import GRIDS
     from pallas_kernels.higgs_matmul import default_config
     from pallas_kernels.higgs_matmul.repack import SUPPORTED
@@ -148,9 +147,9 @@ def main(argv=None) -> int:
 
     p, n = GRIDS[args.grid]
     try:
-        k, ncols = (int(t) for t in args.shape.split("x"))
-    except ValueError:
-        ap.error(f"--shape must be KxN with positive integers, got {args.shape!r}")
+        k, ncols = parse_shape(args.shape)
+    except ValueError as e:
+        ap.error(f"--shape: {e}")
     if k <= 0 or ncols <= 0 or args.m <= 0:
         ap.error(f"--shape {args.shape!r} and --m {args.m} must be positive")
     cfg = default_config(args.m, k, ncols, p, SUPPORTED[(p, n)] / p)

@@ -288,7 +288,8 @@ def main(argv=None) -> int:
                     f"{gname} {k}x{n} bn={cfg.block_n} bku={cfg.block_k // (32 * p)} "
                     f"split={cfg.split_k} warps={cfg.num_warps} words={cfg.words} "
                     f"fused={int(cfg.fused_fma)} decode={cfg.decode} path={cfg.path} "
-                    f"bm={cfg.block_m} ts={int(cfg.tile_scale)}"
+                    f"bm={cfg.block_m} stages={cfg.num_stages} ts={int(cfg.tile_scale)} "
+                    f"ls={cfg.loop_stages}"
                     f"{' (default)' if i == 0 else ''}: "
                     + (
                         f"{row['us']:.1f} us" if "us" in row else row.get("error", "ok (no timing)")
