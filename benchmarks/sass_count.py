@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--path", default=None, choices=("fma", "dot", "wide", "gemv"))
     ap.add_argument("--no-tile-scale", action="store_true", help="Config(tile_scale=False)")
     ap.add_argument("--loop-stages", type=int, default=None, help="Config.loop_stages")
+    ap.add_argument("--dot-order", choices=("xw", "wx"), default=None, help="Config.dot_order")
+    ap.add_argument("--mma-m", type=int, default=None, help="Config.mma_m")
     args = ap.parse_args(argv)
     import jax
 
@@ -164,6 +166,8 @@ def main(argv=None) -> int:
         "block_m": args.block_m,
         "tile_scale": False if args.no_tile_scale else None,
         "loop_stages": args.loop_stages,
+        "dot_order": args.dot_order,
+        "mma_m": args.mma_m,
     }
     try:
         cfg = dataclasses.replace(cfg, **{a: v for a, v in over.items() if v is not None})

@@ -289,7 +289,7 @@ def main(argv=None) -> int:
                     f"split={cfg.split_k} warps={cfg.num_warps} words={cfg.words} "
                     f"fused={int(cfg.fused_fma)} decode={cfg.decode} path={cfg.path} "
                     f"bm={cfg.block_m} stages={cfg.num_stages} ts={int(cfg.tile_scale)} "
-                    f"ls={cfg.loop_stages}"
+                    f"ls={cfg.loop_stages} order={cfg.dot_order} mm={cfg.mma_m}"
                     f"{' (default)' if i == 0 else ''}: "
                     + (
                         f"{row['us']:.1f} us" if "us" in row else row.get("error", "ok (no timing)")
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
                     flush=True,
                 )
     lines = [
-        "| grid | shape | default us | best us | best config | speed-up |",
+        "| grid | shape | default us | best us | best vs default config | speed-up |",
         "|---|---|---|---|---|---|",
     ]
     for gname in args.grids:
@@ -309,12 +309,18 @@ def main(argv=None) -> int:
             if not rs or not d:
                 continue
             b = min(rs, key=lambda r: r["us"])
+            from pallas_kernels.higgs_matmul import Config as _Config
+
+            # Config fields where the best candidate differs from the default (all fields of
+            # `Config` are in each row).
+            diff = [
+                f"{f}={b[f]}"
+                for f in (fl.name for fl in dataclasses.fields(_Config))
+                if f in b and b[f] != d[0].get(f)
+            ]
             lines.append(
-                f"| {gname} | {k}x{n} | {d[0]['us']:.1f} | {b['us']:.1f} | bn={b['block_n']} "
-                f"bk={b['block_k']} split={b['split_k']} warps={b['num_warps']} "
-                f"words={b.get('words', 'lazy')} fused={int(b.get('fused_fma', False))} "
-                f"decode={b.get('decode', 'auto')} | "
-                f"{d[0]['us'] / b['us']:.2f}x |"
+                f"| {gname} | {k}x{n} | {d[0]['us']:.1f} | {b['us']:.1f} | "
+                f"{' '.join(diff) or '(the default)'} | {d[0]['us'] / b['us']:.2f}x |"
             )
     text = "\n".join(lines)
     (out / "tile_sweep.md").write_text(

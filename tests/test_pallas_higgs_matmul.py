@@ -507,6 +507,96 @@ def test_dot_path_tile_scale_identity():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(decode_rotated(w_bf)))
 
 
+DOT_SHAPE_CASES = [  # (dot_order, mma_m, block_m, m, g units): 16-row dots inside 32/64-row blocks
+    ("wx", 0, 16, 20, 16),
+    ("xw", 16, 64, 50, 16),
+    ("wx", 16, 32, 40, 2),
+    ("xw", 32, 64, 70, 2),
+]
+
+
+@pytest.mark.parametrize("order,mma_m,block_m,m,g_units", DOT_SHAPE_CASES)
+def test_dot_path_order_and_mma_rows(order, mma_m, block_m, m, g_units):
+    """`Config.dot_order` ("wx": weights as the first dot operand, transposed sum) and
+    `Config.mma_m` (a program's rows as several dots sharing each decoded plane) give the same
+    product as the reference, with padded rows (M not a multiple of block_m), odd K, masked
+    columns, and tile-scaled (g = 16 units) or per-weight-scaled (g = 2 units) tiles."""
+    k, n_cols = 1100, 40
+    w = make_weight(k, n_cols, 1, 16, g=32 * g_units, seed=m)
+    x = jnp.asarray(np.random.default_rng(m).normal(size=(m, k)), jnp.bfloat16)
+    b = jnp.asarray(np.random.default_rng(5).normal(size=n_cols), jnp.float32)
+    cfg = dataclasses.replace(
+        _cfg("dot", 1, "regtab"), dot_order=order, mma_m=mma_m, block_m=block_m
+    )
+    assert tile_scale_applies(w, cfg) == (g_units == 16)
+    y = higgs_matmul_pallas(x, w, bias=b, config=cfg, interpret=not _on_gpu())
+    r = higgs_matmul_reference(x.astype(jnp.float32), w, bias=b)
+    y0 = higgs_matmul_pallas(
+        x,
+        w,
+        bias=b,
+        config=dataclasses.replace(cfg, dot_order="xw", mma_m=0),
+        interpret=not _on_gpu(),
+    )
+    assert y.shape == (m, n_cols) and y.dtype == x.dtype
+    assert rel_err(y, r) < 1e-2, rel_err(y, r)
+    # Same bf16 operands and f32 sums, only the order of the dots' terms differs.
+    assert rel_err(y, y0) < 2e-3, rel_err(y, y0)
+
+
+def test_dot_path_order_and_mma_rows_identity():
+    """x = I through the transposed dot with 16-row sub-dots returns every decoded weight."""
+    from pallas_kernels.higgs_matmul import regtab
+
+    k = 512
+    w = make_weight(k, 16, 1, 16, g=512, seed=4)
+    eff = np.asarray(regtab.effective_grid(w.grid_values), np.float32)
+    w_bf = _with_grid(w, np.asarray(jnp.asarray(eff, jnp.bfloat16), np.float32))
+    cfg = dataclasses.replace(
+        _cfg("dot", 1, "regtab"), split_k=1, dot_order="wx", mma_m=16, block_m=64
+    )
+    x = jnp.eye(k, dtype=jnp.float32)
+    got = jnp.concatenate(
+        [
+            higgs_matmul_pallas(x[i : i + 256], w, config=cfg, interpret=not _on_gpu())
+            for i in range(0, k, 256)
+        ]
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(decode_rotated(w_bf)))
+
+
+def test_dot_order_and_mma_rows_bad_input():
+    with pytest.raises(ValueError, match=r"dot_order must be one of \('xw', 'wx'\), got 'xx'"):
+        Config(dot_order="xx")
+    for bad in (8, 24, -16, 16.0):
+        with pytest.raises(ValueError, match=f"mma_m must be 0 or a power of two >= 16, got {bad}"):
+            Config(mma_m=bad)
+    # mma_m larger than the block is clamped to the block (one dot per block).
+    w = make_weight(256, 16, 1, 16)
+    x = jnp.ones((16, 256), jnp.bfloat16)
+    cfg = dataclasses.replace(_cfg("dot", 1, "regtab"), mma_m=64, block_m=16)
+    y = higgs_matmul_pallas(x, w, config=cfg, interpret=True)
+    assert rel_err(y, higgs_matmul_reference(x.astype(jnp.float32), w)) < 1e-2
+
+
+def test_dot_path_sub_dots_lower_to_triton_without_a_gpu():
+    """mma_m = 16 in a 64-row block: the loop body holds 4 dots per plane (one per 16 rows),
+    all fed by one decoded plane; "wx" puts the weights first and the sum is (BN, rows)."""
+    import re
+
+    from benchmarks.sass_count import capture_ttir
+
+    w = make_weight(1024, 128, 1, 16, g=512)
+    x = jnp.zeros((64, 1024), jnp.bfloat16)
+    base = dataclasses.replace(_cfg("dot", 1, "regtab"), block_n=128, block_m=64)
+    ir = capture_ttir(x, w, dataclasses.replace(base, mma_m=16))
+    dots = re.findall(r"tt\.dot .*-> tensor<(\d+)x(\d+)xf32", ir)
+    assert len(dots) == 4 * 32 and set(dots) == {("16", "128")}
+    ir = capture_ttir(x, w, dataclasses.replace(base, dot_order="wx"))
+    dots = re.findall(r"tt\.dot .*-> tensor<(\d+)x(\d+)xf32", ir)
+    assert len(dots) == 32 and set(dots) == {("128", "64")}
+
+
 def test_dot_acc_bad_input():
     from pallas_kernels import _compat
 

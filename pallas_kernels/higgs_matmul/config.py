@@ -10,6 +10,7 @@ import dataclasses
 
 PATHS = ("fma", "dot", "gemv", "wide")
 WORD_LOADS = ("lazy", "eager", "prefetch")
+DOT_ORDERS = ("xw", "wx")
 DECODES = ("auto", "poly", "select", "gather", "gather_pair", "regtab", "byte", "code")
 MAX_M = 256
 #: Largest M (after padding to a power of two) the CUDA-core (fma) path handles.
@@ -64,6 +65,18 @@ class Config:
         this depth (`_compat.install_loop_stages_hook`), so the weight words are prefetched into
         shared memory with async copies even on paths without a dot (fma, gemv). 0: unmarked
         (Triton then pipelines only loads that feed a dot, per ``num_stages``).
+      dot_order: "dot" path: operand order of each plane's tensor-core dot. "xw": (BM, BKU)
+        activations times the (BKU, BN) decoded weights, accumulating (BM, BN). "wx": the
+        transposed product, decoded weights (BN, BKU) as the first operand times the
+        activations (BKU, BM), accumulating (BN, BM) (stored transposed). On Hopper the first
+        operand of a warpgroup MMA may come from registers and the second must sit in shared
+        memory, so "wx" lets the decoded weights feed the MMA from registers while the
+        activations (plain loads) are staged by Triton's pipeliner. Ignored on other paths.
+      mma_m: "dot" path: rows of x per tensor-core dot (a power of two >= 16 dividing block_m;
+        0 = block_m). With mma_m < block_m a program decodes each plane once and feeds it to
+        block_m / mma_m dots of mma_m rows, each with its own running sum: on Hopper, 16-row
+        dots are warp-level MMAs (mma.sync) while 64-row ones become warpgroup MMAs that wait
+        for their shared-memory operand at every plane. Ignored on other paths.
     """
 
     block_n: int = 128
@@ -79,6 +92,8 @@ class Config:
     fused_fma: bool = False
     tile_scale: bool = True
     loop_stages: int = 0
+    dot_order: str = "xw"
+    mma_m: int = 0
 
     def __post_init__(self):
         for name in ("block_n", "num_warps", "block_m"):
@@ -103,6 +118,12 @@ class Config:
             raise ValueError(f"tile_scale must be a bool, got {self.tile_scale!r}")
         if not isinstance(self.loop_stages, int) or not 0 <= self.loop_stages <= 8:
             raise ValueError(f"loop_stages must be an int in [0, 8], got {self.loop_stages!r}")
+        if self.dot_order not in DOT_ORDERS:
+            raise ValueError(f"dot_order must be one of {DOT_ORDERS}, got {self.dot_order!r}")
+        if not isinstance(self.mma_m, int) or not (
+            self.mma_m == 0 or (self.mma_m >= 16 and _pow2(self.mma_m))
+        ):
+            raise ValueError(f"mma_m must be 0 or a power of two >= 16, got {self.mma_m!r}")
         if self.path in ("dot", "wide") and self.block_m < 16:
             raise ValueError(
                 f"block_m must be >= 16 on the {self.path} path (tensor-core dot), got "

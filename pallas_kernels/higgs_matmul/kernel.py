@@ -324,6 +324,8 @@ def higgs_matmul_kernel(
     words: str = "lazy",
     fused_fma: bool = False,
     tile_scale: bool = False,
+    swap_dot: bool = False,
+    mma_m: int = 0,
     interpret: bool = False,
 ):
     """Kernel body; see the module docstring. Plane-path options (`Config`):
@@ -339,7 +341,15 @@ def higgs_matmul_kernel(
     tile_scale: "dot" path, only when every tile lies inside one scale group (the group size in
       units is a multiple of BKU; the wrapper decides): the planes' dots chain into one unscaled
       (BM, BN) tile sum, scaled once per (tile, column), instead of scaling every decoded weight.
+    swap_dot: "dot" path (`Config.dot_order` "wx"): each plane's dot is the transposed product
+      (BN, BKU) weights x (BKU, BM) activations into a (BN, BM) sum, transposed at the store.
+    mma_m: "dot" path (`Config.mma_m`): rows of x per tensor-core dot; the program's BM rows are
+      BM / mma_m dots that share each decoded plane, each with its own running sum. 0: BM.
     """
+    mm = mma_m or bm
+    if path == "dot" and (bm % mm or mm < 16):
+        raise ValueError(f"mma_m={mma_m} must be >= 16 and divide block_m={bm}")
+    nsub = bm // mm if path == "dot" else 1
     j = pl.program_id(0)
     s = pl.program_id(1)
     i = pl.program_id(2)  # read here: interpret mode cannot lower program_id inside the loop
@@ -442,10 +452,13 @@ def higgs_matmul_kernel(
         # dot path: the running sum the planes' dots accumulate into (their accumulator operand,
         # `_compat.dot_acc`): the program's (BM, BN) sum, or with tile_scale this tile's
         # unscaled sum.
+        acc_shape = (bn, mm) if swap_dot else (mm, bn)
         if path == "fma":
             dot_acc = [None]
+        elif tile_scale:
+            dot_acc = [jnp.zeros(acc_shape, jnp.float32) for _ in range(nsub)]
         else:
-            dot_acc = [jnp.zeros((bm, bn), jnp.float32) if tile_scale else acc]
+            dot_acc = list(acc)
 
         def consume(vals, slots):  # decoded (BKU, BN) values of (coordinate, plane) slots
             for v, (d, cc) in zip(vals, slots):
@@ -459,9 +472,18 @@ def higgs_matmul_kernel(
                             xs = x_plane(x_ref, m, d, cc, u0, bku=bku, xblk=xblk)
                             partial[m] = partial[m] + xs.astype(jnp.float32)[:, None] * v
                 else:
-                    xs = x_plane(x_ref, pl.ds(i * bm, bm), d, cc, u0, bku=bku, xblk=xblk)
-                    wv = (v if tile_scale else v * scl).astype(xs.dtype)  # (BKU, BN)
-                    dot_acc[0] = _compat.dot_acc(xs, wv, dot_acc[0], interpret=interpret)
+                    wv = None
+                    for r in range(nsub):  # sub-blocks of mm rows share the decoded plane
+                        rows_x = pl.ds(i * bm + r * mm, mm)
+                        xs = x_plane(x_ref, rows_x, d, cc, u0, bku=bku, xblk=xblk)
+                        if wv is None:
+                            wv = (v if tile_scale else v * scl).astype(xs.dtype)  # (BKU, BN)
+                        if swap_dot:
+                            dot_acc[r] = _compat.dot_acc(
+                                wv.T, xs.T, dot_acc[r], interpret=interpret
+                            )
+                        else:
+                            dot_acc[r] = _compat.dot_acc(xs, wv, dot_acc[r], interpret=interpret)
 
         if decode == "regtab":
             # Register tables (regtab.py): one inline-PTX block per word (two for 3-bit codes)
@@ -514,8 +536,9 @@ def higgs_matmul_kernel(
         if path == "fma":
             return tuple(state[m] + partial[m] * scl for m in range(m_rows)), nxt
         if tile_scale:
-            return state + dot_acc[0] * scl, nxt
-        return dot_acc[0], nxt
+            sc = scl.T if swap_dot else scl
+            return tuple(state[r] + dot_acc[r] * sc for r in range(nsub)), nxt
+        return tuple(dot_acc), nxt
 
     # regtab: the byte tables (`regtab.table_words`, the table operand) are read once, before the
     # loop, so they stay in registers (as PTX immediates they were re-materialised at every use).
@@ -535,6 +558,13 @@ def higgs_matmul_kernel(
         out, _ = lax.fori_loop(0, steps, step, (init, ahead0))
         for m in range(m_rows):
             o_ref[s, m, pl.ds(n0, bn)] = jnp.sum(out[m], axis=0)
-    else:
+    elif path == "wide":
         out, _ = lax.fori_loop(0, steps, step, (jnp.zeros((bm, bn), jnp.float32), ahead0))
         o_ref[s, pl.ds(i * bm, bm), pl.ds(n0, bn)] = out
+    else:
+        acc0 = tuple(
+            jnp.zeros((bn, mm) if swap_dot else (mm, bn), jnp.float32) for _ in range(nsub)
+        )
+        out, _ = lax.fori_loop(0, steps, step, (acc0, ahead0))
+        for r in range(nsub):
+            o_ref[s, pl.ds(i * bm + r * mm, mm), pl.ds(n0, bn)] = out[r].T if swap_dot else out[r]

@@ -400,11 +400,17 @@ def launch_kernel(
             words=cfg.words,
             fused_fma=cfg.fused_fma,
             tile_scale=tile_scale_applies(kw, cfg),
+            swap_dot=cfg.path == "dot" and cfg.dot_order == "wx",
+            mma_m=min(cfg.mma_m, bm) if cfg.path == "dot" else 0,
             interpret=interpret,
             **common,
         )
         lut = _lut(decode, kw)
         name = f"higgs_matmul_p{p}_cb{cb}_{cfg.path}_{decode}"
+        if cfg.path == "dot" and cfg.dot_order == "wx":
+            name += "_wx"
+        if cfg.path == "dot" and 0 < cfg.mma_m < bm:
+            name += f"_mm{cfg.mma_m}"
     if cfg.loop_stages and not interpret:
         if not _compat.install_loop_stages_hook():
             raise ValueError(
