@@ -23,7 +23,9 @@ scales ~ U(0.8, 1.2)/sqrt(K), with the library's default layout (`HiggsConfig()`
 bf16 scale per block, no random signs) and the real shipped grid for (p, bits). The kernel's
 speed does not depend on the code values, so this is exactly the speed of a quantized 8B model,
 without running the quantizer over 8B weights. Embeddings, lm_head and norms stay bf16 (the
-library's default exclusions). On an NVIDIA GPU each `HiggsTensor` is repacked once at load time
+library's default exclusions); ``--quantize-lm-head`` makes the lm_head a HIGGS tensor of the
+variant's spec too (4096 x 128256: a third of the bf16 model's per-token weight reads after the
+layers are quantized). On an NVIDIA GPU each `HiggsTensor` is repacked once at load time
 into the kernel layout (`pallas_kernels.higgs_matmul.repack`, a real bit shuffle for 3-bit p=2
 codes, free for 2/4 bits) and the model's `linear` sends those leaves to the Pallas kernel.
 The KV cache is filled with random values instead of running a prefill (a prefill of B x ctx rows
@@ -165,12 +167,16 @@ def _higgs_leaf(key: jax.Array, k: int, n: int, spec: HiggsConfig, kernel_layout
 
 
 def build_params(
-    config: llama.LlamaConfig, spec: HiggsConfig | None, key: jax.Array, kernel_layout: bool
+    config: llama.LlamaConfig,
+    spec: HiggsConfig | None,
+    key: jax.Array,
+    kernel_layout: bool,
+    quantize_lm_head: bool = False,
 ) -> dict:
     """Random params on the device, leaf by leaf (no 8B-element host or f32 temporaries).
 
-    Linear kernels inside the decoder layers are HIGGS tensors when ``spec`` is given;
-    embeddings, lm_head and norm scales are bf16.
+    Linear kernels inside the decoder layers are HIGGS tensors when ``spec`` is given, and so is
+    the lm_head kernel with ``quantize_lm_head``; embeddings and norm scales are bf16.
     """
     shapes = llama.param_shapes(config, DTYPE)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
@@ -179,7 +185,8 @@ def build_params(
         names = [getattr(p, "key", str(p)) for p in path]
         leaf_key = jax.random.fold_in(key, i)
         kind = names[-1]
-        if kind == "kernel" and spec is not None and names[0].startswith("layers_"):
+        quantized = names[0].startswith("layers_") or (quantize_lm_head and names[0] == "lm_head")
+        if kind == "kernel" and spec is not None and quantized:
             out.append(_higgs_leaf(leaf_key, s.shape[0], s.shape[1], spec, kernel_layout))
         else:
             fan_in = s.shape[0] if kind == "kernel" else 1
@@ -309,7 +316,9 @@ def run_check(args: argparse.Namespace) -> Iterator[dict]:
     config = model_config(min(CHECK_LAYERS, args.layers or 10**9), args.tiny)
     gpu = on_gpu()
     key = jax.random.key(args.seed)
-    params = build_params(config, spec, key, kernel_layout=False)
+    params = build_params(
+        config, spec, key, kernel_layout=False, quantize_lm_head=args.quantize_lm_head
+    )
     # Dense bf16 model with the dequantized weights: the same function through the bf16 path.
     dense = jax.tree.map(
         lambda x: dequantize(x, DTYPE) if isinstance(x, HiggsTensor) else x,
@@ -389,7 +398,11 @@ def run_variant(args: argparse.Namespace, name: str) -> Iterator[dict]:
     gpu = on_gpu()
     t0 = time.perf_counter()
     params = build_params(
-        config, spec, jax.random.key(args.seed), kernel_layout=gpu and spec is not None
+        config,
+        spec,
+        jax.random.key(args.seed),
+        kernel_layout=gpu and spec is not None,
+        quantize_lm_head=args.quantize_lm_head,
     )
     if args.fuse:
         from higgs_jax.fuse import fuse_projections
@@ -501,6 +514,8 @@ def child_argv(args: argparse.Namespace, job: str) -> list[str]:
         argv += ["--compile-cache", args.compile_cache]
     if args.fuse:
         argv.append("--fuse")
+    if args.quantize_lm_head:
+        argv.append("--quantize-lm-head")
     if args.kernel_options:
         argv += ["--kernel-options", *args.kernel_options]
     return argv
@@ -642,7 +657,8 @@ def render_markdown(results: dict) -> str:
         (
             "- weights: random, built on device; HIGGS = library default layout (h=512, one bf16 "
             "scale per block, no signs) with the shipped grid for (p, bits), repacked once at load "
-            "into the Pallas kernel layout (GPU); embeddings, lm_head and norms bf16"
+            "into the Pallas kernel layout (GPU); embeddings and norms bf16; lm_head "
+            + ("HIGGS like the layers" if m.get("quantize_lm_head") else "bf16")
         ),
         (
             "- peak mem: peak_bytes_in_use of "
@@ -689,6 +705,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--fuse",
         action="store_true",
         help="fuse q/k/v and gate/up into one matmul each (higgs_jax.fuse), every variant",
+    )
+    ap.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="the lm_head kernel is a HIGGS tensor of each quantized variant's spec too",
     )
     ap.add_argument("--compile-cache", default=None, help="persistent jax compilation cache dir")
     ap.add_argument(
@@ -764,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "batches": args.batches,
         "variants": args.variants,
         "fused_projections": bool(args.fuse),
+        "quantize_lm_head": bool(args.quantize_lm_head),
         "kernel_options": args.kernel_options_parsed,
         "separate_processes": not args.in_process,
     }

@@ -140,12 +140,15 @@ def test_child_processes_get_every_option():
     """Each variant runs in its own interpreter: options that change what is timed must reach it."""
     args = db.parse_args(
         ["--tiny", "--layers", "1", "--batches", "1", "4", "--fuse", "--compile-cache", "/tmp/c"]
+        + ["--quantize-lm-head"]
     )
     child = db.parse_args(db.child_argv(args, "p2_4b")[2:])
-    for name in ("fuse", "tiny", "layers", "batches", "ctx", "cache_len", "reps", "repeats"):
+    names = ("fuse", "tiny", "layers", "batches", "ctx", "cache_len", "reps", "repeats")
+    for name in names + ("quantize_lm_head",):
         assert getattr(child, name) == getattr(args, name), name
     assert child.compile_cache == "/tmp/c" and child.one == "p2_4b"
-    assert not db.parse_args(db.child_argv(db.parse_args(["--tiny"]), "bf16")[2:]).fuse
+    plain = db.parse_args(db.child_argv(db.parse_args(["--tiny"]), "bf16")[2:])
+    assert not plain.fuse and not plain.quantize_lm_head
 
 
 def test_fused_variant_rows_say_so():
@@ -179,3 +182,26 @@ def test_kernel_options_reach_the_default_config(monkeypatch):
     assert cfg.words == "prefetch" and cfg.fused_fma
     dot = wrapper.default_config(64, 4096, 4096, 2, 4)  # the M > 8 path keeps its defaults
     assert dot.path == "dot" and dot.words == "lazy" and not dot.fused_fma
+
+
+def test_quantize_lm_head_makes_the_head_a_higgs_tensor():
+    """--quantize-lm-head: the lm_head kernel becomes a HIGGS tensor of the variant's spec (the
+    embeddings stay bf16), the params shrink, and one decode step through the quantized head
+    agrees between the Pallas kernel (interpret) and XLA."""
+    from higgs_jax.qtensor import HiggsTensor
+
+    config = db.model_config(1, True)
+    spec = db.variant_spec("p1_4b")
+    key = jax.random.key(0)
+    plain = db.build_params(config, spec, key, kernel_layout=False)
+    quant = db.build_params(config, spec, key, kernel_layout=False, quantize_lm_head=True)
+    assert not isinstance(plain["lm_head"]["kernel"], HiggsTensor)
+    head = quant["lm_head"]["kernel"]
+    assert isinstance(head, HiggsTensor) and head.shape == plain["lm_head"]["kernel"].shape
+    assert not isinstance(quant["embed_tokens"]["embedding"], HiggsTensor)
+    assert db.params_bytes(quant)["total"] < db.params_bytes(plain)["total"]
+    args = db.parse_args(
+        ["--tiny", "--layers", "1", "--batches", "1", "--variants", "p1_4b", "--quantize-lm-head"]
+    )
+    rows = list(db.run_check(args))
+    assert len(rows) == 1 and rows[0]["ok"], rows

@@ -985,6 +985,29 @@ def test_wide_config_valid(m, p):
     assert wide_in_candidates == (m > 1)
 
 
+def test_default_config_session9_choices():
+    """Session-9 defaults of the p = 1 dot path (config.py `_dot_shape` cites the timings):
+    weights as the first dot operand at 16-row blocks, two 32-row dots per plane with two stages
+    at 64-row blocks up to M = 64; p = 2 and M > 64 unchanged; the autotune space holds the
+    alternatives."""
+    big = (8192, 28672)
+    c16 = default_config(16, *big, 1, 4.0)
+    assert (c16.dot_order, c16.mma_m, c16.block_m) == ("wx", 0, 16)
+    c64 = default_config(64, *big, 1, 4.0)
+    assert (c64.dot_order, c64.mma_m, c64.block_m, c64.num_stages) == ("xw", 32, 64, 2)
+    c128 = default_config(128, *big, 1, 4.0)
+    assert (c128.mma_m, c128.num_stages) == (0, 1)
+    assert default_config(32, *big, 1, 4.0).mma_m == 0  # 32-row blocks: one dot already
+    p2 = default_config(64, *big, 2, 4.0)
+    assert (p2.dot_order, p2.mma_m, p2.num_stages) == ("xw", 0, 1)
+    cands = candidate_configs(64, *big, 1, 4.0)
+    assert {c.mma_m for c in cands if c.path == "dot"} >= {0, 16, 32}
+    assert {c.dot_order for c in candidate_configs(16, *big, 1, 4.0) if c.path == "dot"} == {
+        "xw",
+        "wx",
+    }
+
+
 # -- config and bad input --------------------------------------------------------------------
 @pytest.mark.parametrize("m", [1, 4, 5, 8, 16, 64, 256])
 def test_default_config_valid(m):
@@ -1002,7 +1025,7 @@ def test_default_config_session8_choices():
     assert default_config(5, *big, 1, 4.0).path == "dot"
     assert default_config(8, *big, 1, 4.0).num_stages == 2
     assert default_config(16, *big, 1, 2.0).num_stages == 2
-    assert default_config(64, *big, 1, 4.0).num_stages == 1
+    assert default_config(128, *big, 1, 4.0).num_stages == 1
     assert default_config(16, *big, 2, 4.0).num_stages == 1
     assert default_config(1, *big, 1, 3.0).block_k == 16 * 32
     assert default_config(4, *big, 1, 3.0).block_k == 8 * 32

@@ -217,14 +217,31 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
         # p = 1 on the fma path decodes with register tables ("auto"), whose FMUL + FADD pairs
         # cost 15-20% at 8192x28672 against inline-PTX FMAs (session 6 sweep).
         fused_fma=path == "fma" and p == 1,
-        num_stages=_dot_stages(p, block_m) if path == "dot" else 2,
+        num_stages=_dot_stages(p, block_m, m) if path == "dot" else 2,
         path=path,
         block_m=block_m,
         decode="auto",
+        **(_dot_shape(p, block_m, m) if path == "dot" else {}),
     )
 
 
-def _dot_stages(p: int, block_m: int) -> int:
+def _dot_shape(p: int, block_m: int, m: int) -> dict:
+    """Operand order and rows per dot of the p = 1 dot path (session 9, H100, full op, 4-bit
+    8192x28672 and 4096x14336, `benchmarks/results/s9/`): at 16-row blocks the weights as the
+    first operand ("wx": 129 -> 123 and 47 -> 41 us); at 64-row blocks (M = 33..64) two 32-row
+    dots per decoded plane with two pipeline stages (267 -> 201 us at 8192x28672; the 64-row dot
+    is a warpgroup MMA that waits for its shared-memory operand at every plane). Larger M keeps
+    one 64-row dot (not measured)."""
+    if p != 1:
+        return {}
+    if block_m == 16:
+        return {"dot_order": "wx"}
+    if block_m == 64 and m <= 64:
+        return {"mma_m": 32}
+    return {}
+
+
+def _dot_stages(p: int, block_m: int, m: int = 0) -> int:
     """Triton pipelining depth of the dot path. Two stages let Triton's pipeliner stage the next
     tile's words in shared memory (52 KB per program at BM = 16, `benchmarks/sass_count.py`)
     while this tile is decoded. Measured on an H100 (session 8, full op, p = 1): BM = 16 at
@@ -232,6 +249,8 @@ def _dot_stages(p: int, block_m: int) -> int:
     4096-wide shapes within 8%. BM = 64 got slower at three of four shapes (e.g. 69 -> 109 us at
     4096x14336), and with gather decoders (p > 1) two stages once asked for 283-299 KB of shared
     memory (session 3), so those keep one stage."""
+    if p == 1 and block_m == 64 and m <= 64:
+        return 2  # with two 32-row dots per plane (`_dot_shape`)
     return 2 if p == 1 and block_m <= 16 else 1
 
 
@@ -284,6 +303,12 @@ def candidate_configs(m: int, k: int, n: int, p: int, bits: float) -> list[Confi
     if base.path == "dot":
         # Pipelining depth decided M = 16 on an H100 (session 8: 1.5-1.8x at 8192x28672).
         out.append(dataclasses.replace(base, num_stages=1 if base.num_stages > 1 else 2))
+        # Operand order and rows per dot (session 9).
+        out.append(dataclasses.replace(base, dot_order="xw" if base.dot_order == "wx" else "wx"))
+        if base.block_m > 16:
+            for mm in (0, 16, 32):
+                if mm < base.block_m and mm != base.mma_m:
+                    out.append(dataclasses.replace(base, mma_m=mm))
     elif m > 1:
         # The pipelined dot path (K = 16 units per dot) against the fma path for 2 <= M <= 4.
         dot_k = max(base.block_k, 16 * 32 * p)
@@ -296,6 +321,7 @@ def candidate_configs(m: int, k: int, n: int, p: int, bits: float) -> list[Confi
                 num_warps=4,
                 num_stages=_dot_stages(p, 16),
                 fused_fma=False,
+                **_dot_shape(p, 16, m),
             )
         )
     if m > 1:
