@@ -986,21 +986,28 @@ def test_wide_config_valid(m, p):
 
 
 def test_default_config_session9_choices():
-    """Session-9 defaults of the p = 1 dot path (config.py `_dot_shape` cites the timings):
-    weights as the first dot operand at 16-row blocks, two 32-row dots per plane with two stages
-    at 64-row blocks up to M = 64; p = 2 and M > 64 unchanged; the autotune space holds the
-    alternatives."""
-    big = (8192, 28672)
+    """Session-9 defaults of the p = 1 dot path (config.py `_dot_shape` cites the timings), keyed
+    on the loop steps per program: weights as the first dot operand at 16-row blocks when a
+    program runs one step; two 32-row dots per plane with two stages at 64-row blocks up to
+    M = 64 from 3 steps; p = 2 and M > 64 unchanged; the autotune space holds the alternatives."""
+    big = (8192, 28672)  # 4 steps per program at M = 16 and 64
+    one = (4096, 14336)  # 1 step
     c16 = default_config(16, *big, 1, 4.0)
-    assert (c16.dot_order, c16.mma_m, c16.block_m) == ("wx", 0, 16)
+    assert (c16.dot_order, c16.mma_m, c16.block_m, c16.num_stages) == ("xw", 0, 16, 2)
+    assert default_config(16, *one, 1, 4.0).dot_order == "wx"
+    assert default_config(16, 14336, 4096, 1, 2.0).dot_order == "xw"  # 2 steps
     c64 = default_config(64, *big, 1, 4.0)
     assert (c64.dot_order, c64.mma_m, c64.block_m, c64.num_stages) == ("xw", 32, 64, 2)
+    o64 = default_config(64, *one, 1, 4.0)
+    assert (o64.dot_order, o64.mma_m, o64.num_stages) == ("xw", 0, 1)
     c128 = default_config(128, *big, 1, 4.0)
     assert (c128.mma_m, c128.num_stages) == (0, 1)
     assert default_config(32, *big, 1, 4.0).mma_m == 0  # 32-row blocks: one dot already
     p2 = default_config(64, *big, 2, 4.0)
     assert (p2.dot_order, p2.mma_m, p2.num_stages) == ("xw", 0, 1)
-    cands = candidate_configs(64, *big, 1, 4.0)
+    p2 = default_config(16, *one, 2, 4.0)
+    assert p2.dot_order == "xw"
+    cands = candidate_configs(64, *one, 1, 4.0)
     assert {c.mma_m for c in cands if c.path == "dot"} >= {0, 16, 32}
     assert {c.dot_order for c in candidate_configs(16, *big, 1, 4.0) if c.path == "dot"} == {
         "xw",

@@ -209,6 +209,7 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
     # 2-bit codes: twice the programs (measured: split 8 vs 4 at 8192x28672, M=1: 62 vs 69 us).
     target = TARGET_PROGRAMS * (2 if code_bits == 2 and path != "dot" else 1)
     split = split_k_for(steps_total, n_blocks, target)
+    shape = _dot_shape(p, block_m, m, -(-steps_total // split)) if path == "dot" else {}
     return Config(
         block_n=block_n,
         block_k=bku * 32 * p,
@@ -217,31 +218,42 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
         # p = 1 on the fma path decodes with register tables ("auto"), whose FMUL + FADD pairs
         # cost 15-20% at 8192x28672 against inline-PTX FMAs (session 6 sweep).
         fused_fma=path == "fma" and p == 1,
-        num_stages=_dot_stages(p, block_m, m) if path == "dot" else 2,
+        num_stages=(2 if shape.get("mma_m") else _dot_stages(p, block_m))
+        if path == "dot"
+        else 2,
         path=path,
         block_m=block_m,
         decode="auto",
-        **(_dot_shape(p, block_m, m) if path == "dot" else {}),
+        **shape,
     )
 
 
-def _dot_shape(p: int, block_m: int, m: int) -> dict:
-    """Operand order and rows per dot of the p = 1 dot path (session 9, H100, full op, 4-bit
-    8192x28672 and 4096x14336, `benchmarks/results/s9/`): at 16-row blocks the weights as the
-    first operand ("wx": 129 -> 123 and 47 -> 41 us); at 64-row blocks (M = 33..64) two 32-row
-    dots per decoded plane with two pipeline stages (267 -> 201 us at 8192x28672; the 64-row dot
-    is a warpgroup MMA that waits for its shared-memory operand at every plane). Larger M keeps
-    one 64-row dot (not measured)."""
+def _dot_shape(p: int, block_m: int, m: int, steps: int) -> dict:
+    """Operand order and rows per dot of the p = 1 dot path; ``steps``: loop steps per program.
+
+    Measured on an H100 (session 9, full op, p = 1 at 2/3/4 bits, `benchmarks/results/s9/`; one
+    kernel table against session 8's and same-run A/B sweeps), the effect follows the steps per
+    program, not the shape:
+    - 16-row blocks, weights as the first dot operand ("wx", a warpgroup MMA with the decoded
+      plane in registers): faster where a program runs one step (4096x14336 12-26%, 4096x1024
+      13-20%), slower with 2 or 4 steps (14336x4096 +12-24%, 8192x28672 +8-30%; A/B at 8192x28672:
+      2-bit 96 -> 115 us, 3-bit 108 -> 134). The warpgroup MMA waits at every plane, which
+      seems to cost the overlap with the next step's staged loads.
+    - 64-row blocks up to M = 64, two 32-row dots per decoded plane with two stages instead of one
+      64-row warpgroup dot: faster with 4 steps (8192x28672: 274 -> 201, 245 -> 214,
+      221 -> 184 us), even with 2 (14336x4096, A/B 76.2 vs 75.5), slower with 1 (4096x14336 A/B
+      70.5 -> 108.0; 4096x4096 +2-18%). So from 3 steps on.
+    M > 64 keeps one 64-row dot (not measured)."""
     if p != 1:
         return {}
-    if block_m == 16:
+    if block_m == 16 and steps == 1:
         return {"dot_order": "wx"}
-    if block_m == 64 and m <= 64:
+    if block_m == 64 and m <= 64 and steps >= 3:
         return {"mma_m": 32}
     return {}
 
 
-def _dot_stages(p: int, block_m: int, m: int = 0) -> int:
+def _dot_stages(p: int, block_m: int) -> int:
     """Triton pipelining depth of the dot path. Two stages let Triton's pipeliner stage the next
     tile's words in shared memory (52 KB per program at BM = 16, `benchmarks/sass_count.py`)
     while this tile is decoded. Measured on an H100 (session 8, full op, p = 1): BM = 16 at
@@ -249,8 +261,6 @@ def _dot_stages(p: int, block_m: int, m: int = 0) -> int:
     4096-wide shapes within 8%. BM = 64 got slower at three of four shapes (e.g. 69 -> 109 us at
     4096x14336), and with gather decoders (p > 1) two stages once asked for 283-299 KB of shared
     memory (session 3), so those keep one stage."""
-    if p == 1 and block_m == 64 and m <= 64:
-        return 2  # with two 32-row dots per plane (`_dot_shape`)
     return 2 if p == 1 and block_m <= 16 else 1
 
 
@@ -312,16 +322,18 @@ def candidate_configs(m: int, k: int, n: int, p: int, bits: float) -> list[Confi
     elif m > 1:
         # The pipelined dot path (K = 16 units per dot) against the fma path for 2 <= M <= 4.
         dot_k = max(base.block_k, 16 * 32 * p)
+        dot_split = max(1, base.split_k * base.block_k // dot_k)
+        dot_steps = -(-(-(-k // dot_k)) // dot_split)  # loop steps per program
         out.append(
             dataclasses.replace(
                 base,
                 path="dot",
                 block_k=dot_k,
-                split_k=max(1, base.split_k * base.block_k // dot_k),
+                split_k=dot_split,
                 num_warps=4,
                 num_stages=_dot_stages(p, 16),
                 fused_fma=False,
-                **_dot_shape(p, 16, m),
+                **_dot_shape(p, 16, m, dot_steps),
             )
         )
     if m > 1:
