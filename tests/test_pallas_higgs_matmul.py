@@ -793,52 +793,6 @@ def test_kernel_activations_both_routes(p, n, h, bku, k, dtype, by_matmul):
 
 
 @pytest.mark.parametrize(
-    "dtype,path,m,h,deferred",
-    [
-        (jnp.bfloat16, "fma", 1, 512, True),
-        (jnp.float32, "fma", 2, 512, True),
-        (jnp.bfloat16, "dot", 20, 512, True),
-        (jnp.float16, "dot", 20, 512, False),  # f16: normalised before the kernel (range)
-        (jnp.bfloat16, "fma", 1, 96, False),  # Paley order 96 / 32 is no power of two: FWHT
-    ],
-)
-def test_hadamard_normalisation_moves_to_the_output(dtype, path, m, h, deferred):
-    """On the matmul rotation route (bf16/f32 kernel activations) the kernel gets the rotated
-    activations without the 1/sqrt(h) factor and `launch_kernel` applies it to the product, so
-    no separate multiply sits between the rotation and the kernel; the result is unchanged."""
-    from pallas_kernels.higgs_matmul import wrapper
-
-    k = 2 * h
-    w = _with_signs(make_weight(k, 40, 1, 16, g=32 * (h // 32 if h % 32 == 0 else 1), h=h))
-    x = jnp.asarray(np.random.default_rng(7).normal(size=(m, k)), dtype)
-    cfg = _cfg(path, 1, "regtab")
-    scale = wrapper.output_scale(w, cfg, m, dtype)
-    assert scale == (pytest.approx(1 / np.sqrt(h)) if deferred else 1.0)
-    xk, xb = wrapper.prepare_activations(x, w, cfg, m, dtype)
-    rot = np.asarray(wrapper.rotate_activations(x.astype(jnp.float32), w))
-    got = _natural_order(xk.astype(jnp.float32), 1)[:m, :k]
-    np.testing.assert_allclose(got * scale, rot, rtol=2e-2, atol=2e-2 * np.abs(rot).max())
-    y = higgs_matmul_pallas(x, w, config=cfg, interpret=True)
-    r = higgs_matmul_reference(x.astype(jnp.float32), w)
-    assert rel_err(y, r) < 1e-2, rel_err(y, r)
-    # The traced op: no multiply between the rotation's dot and the kernel's operand.
-    jaxpr = jax.make_jaxpr(lambda a: wrapper._launch(a, w, cfg, m, dtype, True))(x).jaxpr
-    producers = {}
-    for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            producers[v] = eqn
-    call = next(e for e in jaxpr.eqns if e.primitive.name == "pallas_call")
-    chain, v = [], call.invars[0]
-    while v in producers and producers[v].primitive.name != "dot_general":
-        chain.append(producers[v].primitive.name)
-        v = producers[v].invars[0]
-    if deferred:
-        assert v in producers and "mul" not in chain, chain
-    else:
-        assert "mul" in chain or v not in producers, chain
-
-
-@pytest.mark.parametrize(
     "p,n,path,m,dtype,h,bku",
     [
         (1, 16, "fma", 1, jnp.bfloat16, 128, 2),

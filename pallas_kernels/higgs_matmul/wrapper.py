@@ -8,10 +8,7 @@ Forward pass (docs/ARCHITECTURE.md): ``y = block_hadamard(pad(x) * signs, h) @ W
 The rotation is a separate XLA op: one small matmul per Hadamard block with a +-1 matrix whose
 columns are already in the kernel's activation order (`kernel_activations`; XLA fuses it with
 the producer of x and the padding), or the butterfly FWHT plus a transpose where that does not
-apply; the LUT matmul is the Pallas kernel. On the matmul route the Hadamard normalisation
-1/sqrt(h) is applied to the kernel's output, inside the split-K reduction, rather than to the
-rotated activations (`output_scale`): the rotation's output then goes to the kernel unchanged,
-without a separate XLA multiply per linear layer.
+apply; the LUT matmul is the Pallas kernel.
 """
 
 from __future__ import annotations
@@ -247,14 +244,7 @@ def activation_block(kw: KernelPackedWeight, bku: int) -> tuple[int, bool]:
 
 
 def kernel_activations(
-    x2: jax.Array,
-    kw: KernelPackedWeight,
-    *,
-    rows: int,
-    units_x: int,
-    bku: int,
-    dtype,
-    normalize: bool = True,
+    x2: jax.Array, kw: KernelPackedWeight, *, rows: int, units_x: int, bku: int, dtype
 ) -> tuple[jax.Array, int]:
     """(M, K) activations -> ((rows, NB, p, 32, XB) rotated activations in ``dtype``, XB).
 
@@ -265,8 +255,6 @@ def kernel_activations(
     activation dtype; f32 accumulation), which XLA fuses with the producer of x and the padding:
     measured on an H100 (benchmarks/rotation_bench.py) 6.1 us vs 11.3-13.3 us for the butterfly
     FWHT plus transpose at M=1, K=4096/14336. Otherwise: the FWHT and a transpose (XB = BKU).
-    ``normalize=False`` leaves out the factor 1/sqrt(h) on the matmul route only (the caller
-    applies it to the product, see `output_scale`); the FWHT route is always normalised.
     """
     m, k = x2.shape
     p, h = kw.p, kw.hadamard_size
@@ -286,22 +274,8 @@ def kernel_activations(
     else:
         q, prec = jnp.asarray(rotation_matrix(h, p), x.dtype), None
     y = jnp.dot(x, q, precision=prec, preferred_element_type=jnp.float32)
-    if normalize:
-        y = y * np.float32(1.0 / np.sqrt(h))
+    y = y * np.float32(1.0 / np.sqrt(h))
     return y.reshape(rows, nb, p, 32, xb).astype(dtype), xb
-
-
-def output_scale(kw: KernelPackedWeight, cfg: Config, m: int, out_dtype) -> float:
-    """Factor `launch_kernel` applies to the product because `prepare_activations` left it out
-    of the activations: 1/sqrt(h) on the matmul rotation route with bf16 or f32 kernel
-    activations, else 1. (f16 activations stay normalised: the unnormalised block sums are up to
-    sqrt(h) times larger and could overflow f16's range; bf16 has f32's exponent range.)"""
-    if cfg.path == "wide" or kw.hadamard_size <= 1:
-        return 1.0
-    g = _plan(kw, cfg, m, out_dtype)
-    if g["xdt"] == jnp.float16 or not activation_block(kw, g["bku"])[1]:
-        return 1.0
-    return float(1.0 / np.sqrt(kw.hadamard_size))
 
 
 def _plan(kw: KernelPackedWeight, cfg: Config, m: int, out_dtype) -> dict:
@@ -343,10 +317,7 @@ def prepare_activations(
     g = _plan(kw, cfg, m, out_dtype)
     p, mp, ux = kw.p, g["mp"], g["ux"]
     if cfg.path != "wide":
-        unit = output_scale(kw, cfg, m, out_dtype) == 1.0
-        return kernel_activations(
-            x2, kw, rows=mp, units_x=ux, bku=g["bku"], dtype=g["xdt"], normalize=unit
-        )
+        return kernel_activations(x2, kw, rows=mp, units_x=ux, bku=g["bku"], dtype=g["xdt"])
     xr = rotate_activations(x2, kw)
     xr = jnp.pad(xr, [(0, mp - m), (0, ux * 32 * p - xr.shape[1])])
     decode, _ = resolve_decode(cfg.decode, kw, cfg.path)
@@ -459,10 +430,7 @@ def launch_kernel(
             interpret=interpret,
             name=name,
         )(xk, kw.words, kw.scales, lut)
-    y = jnp.sum(partial, axis=0)[:m, :N]
-    scale = output_scale(kw, cfg, m, out_dtype)
-    # One multiply in the split-K reduction's fusion (see the module docstring).
-    return y if scale == 1.0 else y * np.float32(scale)
+    return jnp.sum(partial, axis=0)[:m, :N]
 
 
 def _launch(x2: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtype, interpret: bool):
