@@ -16,3 +16,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data directory {SHARED_DATA} not found")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop jax's compiled executables and traces after each test module.
+
+    The whole suite runs in one process; without this the caches of ~1700 tests (many
+    interpret-mode Pallas kernels, whose programs are large) accumulate, and a full run on the
+    24 GiB CI machine aborted inside XLA's CPU compiler near its end (session 9).
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
