@@ -296,6 +296,9 @@ def main(argv=None) -> int:
                     ),
                     flush=True,
                 )
+    from pallas_kernels.higgs_matmul import Config
+
+    config_fields = [f.name for f in dataclasses.fields(Config)]
     lines = [
         "| grid | shape | default us | best us | best vs default config | speed-up |",
         "|---|---|---|---|---|---|",
@@ -309,15 +312,9 @@ def main(argv=None) -> int:
             if not rs or not d:
                 continue
             b = min(rs, key=lambda r: r["us"])
-            from pallas_kernels.higgs_matmul import Config as _Config
-
             # Config fields where the best candidate differs from the default (all fields of
             # `Config` are in each row).
-            diff = [
-                f"{f}={b[f]}"
-                for f in (fl.name for fl in dataclasses.fields(_Config))
-                if f in b and b[f] != d[0].get(f)
-            ]
+            diff = [f"{f}={b[f]}" for f in config_fields if f in b and b[f] != d[0].get(f)]
             lines.append(
                 f"| {gname} | {k}x{n} | {d[0]['us']:.1f} | {b['us']:.1f} | "
                 f"{' '.join(diff) or '(the default)'} | {d[0]['us'] / b['us']:.2f}x |"

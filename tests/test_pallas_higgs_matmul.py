@@ -486,17 +486,14 @@ def test_dot_path_tile_scale(p, n, decode):
     assert rel_err(y, y0) < 1e-2, rel_err(y, y0)
 
 
-def test_dot_path_tile_scale_identity():
-    """x = I through the tile-scaled dot path returns every decoded weight exactly: the byte
-    tables' value rounded to the bf16 dot operand, times the scale (an exact f32 product)."""
+def _assert_dot_identity(w: KernelPackedWeight, cfg: Config) -> None:
+    """x = I through ``cfg`` returns every decoded weight exactly: the byte tables' value rounded
+    to the bf16 dot operand, times the scale (an exact f32 product)."""
     from pallas_kernels.higgs_matmul import regtab
 
-    k = 1024
-    w = make_weight(k, 16, 1, 16, g=512, seed=2)  # two groups of 16 units
+    k = w.K
     eff = np.asarray(regtab.effective_grid(w.grid_values), np.float32)
     w_bf = _with_grid(w, np.asarray(jnp.asarray(eff, jnp.bfloat16), np.float32))
-    cfg = dataclasses.replace(_cfg("dot", 1, "regtab"), split_k=1)
-    assert tile_scale_applies(w, cfg)
     x = jnp.eye(k, dtype=jnp.float32)
     got = jnp.concatenate(
         [
@@ -505,6 +502,14 @@ def test_dot_path_tile_scale_identity():
         ]
     )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(decode_rotated(w_bf)))
+
+
+def test_dot_path_tile_scale_identity():
+    """x = I through the tile-scaled dot path returns every decoded weight exactly."""
+    w = make_weight(1024, 16, 1, 16, g=512, seed=2)  # two groups of 16 units
+    cfg = dataclasses.replace(_cfg("dot", 1, "regtab"), split_k=1)
+    assert tile_scale_applies(w, cfg)
+    _assert_dot_identity(w, cfg)
 
 
 DOT_SHAPE_CASES = [  # (dot_order, mma_m, block_m, m, g units): 16-row dots inside 32/64-row blocks
@@ -546,23 +551,11 @@ def test_dot_path_order_and_mma_rows(order, mma_m, block_m, m, g_units):
 
 def test_dot_path_order_and_mma_rows_identity():
     """x = I through the transposed dot with 16-row sub-dots returns every decoded weight."""
-    from pallas_kernels.higgs_matmul import regtab
-
-    k = 512
-    w = make_weight(k, 16, 1, 16, g=512, seed=4)
-    eff = np.asarray(regtab.effective_grid(w.grid_values), np.float32)
-    w_bf = _with_grid(w, np.asarray(jnp.asarray(eff, jnp.bfloat16), np.float32))
+    w = make_weight(512, 16, 1, 16, g=512, seed=4)
     cfg = dataclasses.replace(
         _cfg("dot", 1, "regtab"), split_k=1, dot_order="wx", mma_m=16, block_m=64
     )
-    x = jnp.eye(k, dtype=jnp.float32)
-    got = jnp.concatenate(
-        [
-            higgs_matmul_pallas(x[i : i + 256], w, config=cfg, interpret=not _on_gpu())
-            for i in range(0, k, 256)
-        ]
-    )
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(decode_rotated(w_bf)))
+    _assert_dot_identity(w, cfg)
 
 
 def test_dot_order_and_mma_rows_bad_input():

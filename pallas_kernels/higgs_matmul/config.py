@@ -242,7 +242,7 @@ def _dot_shape(p: int, block_m: int, m: int, steps: int) -> dict:
     - 64-row blocks up to M = 64, two 32-row dots per decoded plane with two stages instead of one
       64-row warpgroup dot: faster with 4 steps (8192x28672: 274 -> 201, 245 -> 214,
       221 -> 184 us), even with 2 (14336x4096, A/B 76.2 vs 75.5), slower with 1 (4096x14336 A/B
-      70.5 -> 108.0; 4096x4096 +2-18%). So from 3 steps on.
+      70.5 -> 108.0; 4096x4096 +3-18%). So from 3 steps on.
     M > 64 keeps one 64-row dot (not measured)."""
     if p != 1:
         return {}
