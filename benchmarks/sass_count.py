@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--loop-stages", type=int, default=None, help="Config.loop_stages")
     ap.add_argument("--dot-order", choices=("xw", "wx"), default=None, help="Config.dot_order")
     ap.add_argument("--mma-m", type=int, default=None, help="Config.mma_m")
+    ap.add_argument("--prefetch", type=int, default=None, help="Config.prefetch")
     args = ap.parse_args(argv)
     import jax
 
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
         "loop_stages": args.loop_stages,
         "dot_order": args.dot_order,
         "mma_m": args.mma_m,
+        "prefetch": args.prefetch,
     }
     try:
         cfg = dataclasses.replace(cfg, **{a: v for a, v in over.items() if v is not None})

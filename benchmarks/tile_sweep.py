@@ -289,7 +289,7 @@ def main(argv=None) -> int:
                     f"split={cfg.split_k} warps={cfg.num_warps} words={cfg.words} "
                     f"fused={int(cfg.fused_fma)} decode={cfg.decode} path={cfg.path} "
                     f"bm={cfg.block_m} stages={cfg.num_stages} ts={int(cfg.tile_scale)} "
-                    f"ls={cfg.loop_stages} order={cfg.dot_order} mm={cfg.mma_m}"
+                    f"ls={cfg.loop_stages} order={cfg.dot_order} mm={cfg.mma_m} pf={cfg.prefetch}"
                     f"{' (default)' if i == 0 else ''}: "
                     + (
                         f"{row['us']:.1f} us" if "us" in row else row.get("error", "ok (no timing)")

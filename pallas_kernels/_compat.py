@@ -344,3 +344,86 @@ def install_loop_stages_hook() -> bool:
     tl_lowering.lower_jaxpr_to_triton_module = lower
     _LOOP_HOOK = True
     return True
+
+
+# ----------------------------------------------------------------- L2 prefetch of global memory
+_PREFETCH_P = None
+
+
+def _prefetch_primitive():
+    """``prefetch.global.L2`` of ``ref``'s elements at int32 ``offsets`` (one PTX prefetch each).
+
+    A prefetch only warms the L2 cache: no register receives the data and the warp does not wait
+    for it, so it puts DRAM reads in flight ahead of the loads that will need them, without the
+    register or shared-memory cost of loading early. The primitive takes the whole ref (a Triton
+    pointer once lowered) and flat element offsets; it carries an effect of its own so jax keeps
+    it although nothing uses its (empty) result. Private jax modules: keep this function the only
+    place that touches them.
+    """
+    global _PREFETCH_P
+    if _PREFETCH_P is not None:
+        return _PREFETCH_P
+    with quiet_triton_deprecation():
+        from jax._src import core as jax_core
+        from jax._src import effects as jax_effects
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.triton import dialect as tt_dialect
+        from jax._src.pallas import core as pallas_core
+        from jax._src.pallas.triton import lowering as tl_lowering
+
+    class PrefetchEffect(jax_core.Effect):
+        pass
+
+    effect = PrefetchEffect()
+    pallas_core.kernel_local_effects.add_type(PrefetchEffect)
+    jax_effects.control_flow_allowed_effects.add_type(PrefetchEffect)
+
+    prim = jax_core.Primitive("higgs_prefetch_l2")
+    prim.multiple_results = True
+
+    @prim.def_effectful_abstract_eval
+    def _abstract(ref, offsets):
+        del ref
+        if offsets.dtype != jnp.int32:
+            raise ValueError(f"prefetch offsets must be int32, got {offsets.dtype}")
+        return (), {effect}
+
+    def _lower(ctx, ptr, offsets):
+        info = ctx.block_infos[0] if ctx.block_infos else None
+        if info is not None and tuple(info.block_shape) != tuple(info.full_shape_dtype.shape):
+            raise NotImplementedError(
+                f"prefetch_l2 needs a whole-array ref, got a block {info.block_shape} of "
+                f"{info.full_shape_dtype.shape}"
+            )
+        shape = list(ir.RankedTensorType(offsets.type).shape)
+        ptrs = tt_dialect.splat(ir.RankedTensorType.get(shape, ptr.type), ptr)
+        ptrs = tt_dialect.addptr(ptrs.type, ptrs, offsets)
+        i32 = ir.RankedTensorType.get(shape, ir.IntegerType.get_signless(32))
+        tt_dialect.ElementwiseInlineAsmOp(
+            [i32],
+            "prefetch.global.L2 [$1]; mov.b32 $0, 0;",
+            constraints="=r,l",
+            pure=False,
+            packed_element=1,
+            args=[ptrs],
+        )
+        return []
+
+    tl_lowering.register_lowering(prim)(_lower)
+    _PREFETCH_P = prim
+    return prim
+
+
+def prefetch_l2(ref: Any, offsets: jax.Array, *, interpret: bool) -> None:
+    """Ask the GPU to bring ``ref``'s elements at flat int32 ``offsets`` into L2 (no result).
+
+    ``ref``: a whole kernel argument (not a ``.at[...]`` view); offsets count elements from its
+    start and must stay inside it. A no-op with ``interpret`` (the CPU has nothing to warm), so
+    the kernel computes the same values either way.
+    """
+    offsets = jnp.asarray(offsets)
+    if offsets.dtype != jnp.int32:
+        raise ValueError(f"prefetch_l2 needs int32 offsets, got {offsets.dtype}")
+    if interpret:
+        return
+    _prefetch_primitive().bind(ref, offsets)

@@ -658,6 +658,80 @@ def test_loop_stages_bad_input():
     assert _compat.loop_stages_name("k", 0) == "k" and _compat.loop_stages_name("k", 2) == "k_ls2"
 
 
+@pytest.mark.parametrize("units,n_cols,bn", [(12, 100, 64), (16, 256, 128), (5, 24, 16)])
+def test_prefetch_offsets_cover_the_tile_and_stay_inside(units, n_cols, bn):
+    """`kernel.tile_line_offsets`: one offset per 128-byte line of each word row of the tile,
+    every offset inside the (units, cb, N) words, clamped (repeated) past the end."""
+    from pallas_kernels.higgs_matmul.kernel import tile_line_offsets
+
+    cb, bku = 3, 4
+    words = np.arange(units * cb * n_cols).reshape(units, cb, n_cols)
+    for u0 in range(0, units + bku, bku):
+        for n0 in range(0, n_cols + bn, bn):
+            off = np.asarray(
+                tile_line_offsets(u0, n0, bku=bku, cb=cb, bn=bn, units=units, n_cols=n_cols)
+            )
+            assert off.shape == (bku * cb, max(1, bn // 32)) and off.dtype == np.int32
+            assert off.min() >= 0 and off.max() < words.size
+            u, t, n = np.unravel_index(off, words.shape)
+            # rows: the tile's word rows, clamped to the last row of the array
+            want_rows = np.minimum(u0 * cb + np.arange(bku * cb), units * cb - 1)
+            np.testing.assert_array_equal(u[:, 0] * cb + t[:, 0], want_rows)
+            # columns: the start of each 32-word line of [n0, n0 + BN), clamped to N - 1
+            want_cols = np.minimum(n0 + 32 * np.arange(max(1, bn // 32)), n_cols - 1)
+            np.testing.assert_array_equal(n[0], want_cols)
+
+
+@pytest.mark.parametrize("path,m", [("fma", 1), ("fma", 3), ("dot", 16)])
+def test_prefetch_config_computes_the_same_values(path, m):
+    """Config.prefetch changes no value: interpret mode (where the prefetch itself is a no-op,
+    but the offsets are traced) matches prefetch=0 exactly, with odd K, masked columns and a
+    program range ending mid-array."""
+    w = make_weight(32 * 7 + 5, 40, 1, 16, g=32, seed=3)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(m, 32 * 7 + 5)), jnp.float32)
+    base = dataclasses.replace(_cfg(path, 1, "regtab"), split_k=2)
+    ref = higgs_matmul_pallas(x, w, config=base, interpret=True)
+    for d in (1, 3):
+        got = higgs_matmul_pallas(
+            x, w, config=dataclasses.replace(base, prefetch=d), interpret=True
+        )
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    assert rel_err(ref, higgs_matmul_reference(x, w)) < 1e-2
+
+
+@pytest.mark.parametrize("path,m", [("fma", 1), ("dot", 16)])
+def test_prefetch_lowers_to_l2_prefetches(path, m):
+    """The Triton IR (lowered for "cuda" on the CPU) of a prefetch=2 kernel holds the PTX L2
+    prefetch twice before the loop (tiles 0 and 1) and once in it (tile it + 2), on pointer
+    tensors of one line per word row; prefetch=0 holds none."""
+    import re
+
+    from benchmarks.sass_count import capture_ttir
+
+    w = make_weight(1024, 128, 1, 16, g=512)
+    x = jnp.zeros((m, 1024), jnp.bfloat16)
+    cfg = dataclasses.replace(_cfg(path, 1, "regtab"), block_n=128, split_k=1)
+    plain = capture_ttir(x, w, cfg)
+    pf = capture_ttir(x, w, dataclasses.replace(cfg, prefetch=2))
+    assert "prefetch.global.L2" not in plain
+    calls = re.findall(r'"prefetch\.global\.L2 \[\$1\]; mov\.b32 \$0, 0;".*: (tensor<[^>]*>)', pf)
+    bku = cfg.block_k // 32
+    assert calls == [f"tensor<{bku * 4}x4x!tt.ptr<i32>"] * 3, calls
+    loop = pf[pf.index("scf.for") :]
+    assert loop.count("prefetch.global.L2") == 1
+    assert re.search(r"module @higgs_matmul_p1_cb4_\w+_pf2 ", pf)
+
+
+def test_prefetch_bad_input():
+    from pallas_kernels import _compat
+
+    for bad in (-1, 9, "1", 1.0):
+        with pytest.raises(ValueError, match=f"prefetch must be an int in \\[0, 8\\], got {bad!r}"):
+            Config(prefetch=bad)
+    with pytest.raises(ValueError, match="prefetch_l2 needs int32 offsets, got float32"):
+        _compat.prefetch_l2(None, jnp.zeros((4,), jnp.float32), interpret=True)
+
+
 def test_regtab_bad_input():
     x = jnp.zeros((1, 128), jnp.float32)
     with pytest.raises(ValueError, match="p=1 with code_bits"):
@@ -1204,6 +1278,21 @@ def test_gpu_default_configs(m, n, g):
     w = make_weight(1088, 512, 1, n, g=g)
     x = jnp.asarray(np.random.default_rng(m).normal(size=(m, 1088)), jnp.bfloat16)
     y = higgs_matmul_pallas(x, w)
+    assert rel_err(y, higgs_matmul_reference(x.astype(jnp.float32), w)) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(
+    "n,m,d", [(4, 1, 1), (8, 1, 2), (16, 1, 1), (16, 3, 1), (8, 16, 1), (16, 64, 2)]
+)
+def test_gpu_prefetch_matches_reference(n, m, d):
+    """Config.prefetch on the GPU (real L2 prefetches, clamped at the array's end): the default
+    config of each M with prefetch = d against the f32 reference, K padded and N masked."""
+    w = make_weight(1088, 520, 1, n, g=64)
+    x = jnp.asarray(np.random.default_rng(m).normal(size=(m, 1088)), jnp.bfloat16)
+    cfg = default_config(m, 1088, 520, 1, float(np.log2(n)))
+    y = higgs_matmul_pallas(x, w, config=dataclasses.replace(cfg, prefetch=d))
     assert rel_err(y, higgs_matmul_reference(x.astype(jnp.float32), w)) < 1e-2
 
 

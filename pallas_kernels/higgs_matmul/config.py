@@ -77,6 +77,12 @@ class Config:
         block_m / mma_m dots of mma_m rows, each with its own running sum: on Hopper, 16-row
         dots are warp-level MMAs (mma.sync) while 64-row ones become warpgroup MMAs that wait
         for their shared-memory operand at every plane. Ignored on other paths.
+      prefetch: "fma" and "dot" paths, GPU only: at each loop step, prefetch the weight words of
+        the tile this many steps ahead into L2 (PTX ``prefetch.global.L2``, one per 128-byte
+        line, `_compat.prefetch_l2`). Unlike early loads (``words``) or staged copies
+        (``loop_stages``) a prefetch holds no registers and no shared memory, so it adds DRAM
+        reads in flight at the same occupancy. 0: off. Ignored on other paths and in interpret
+        mode (the values computed are the same either way).
     """
 
     block_n: int = 128
@@ -94,6 +100,7 @@ class Config:
     loop_stages: int = 0
     dot_order: str = "xw"
     mma_m: int = 0
+    prefetch: int = 0
 
     def __post_init__(self):
         for name in ("block_n", "num_warps", "block_m"):
@@ -118,6 +125,8 @@ class Config:
             raise ValueError(f"tile_scale must be a bool, got {self.tile_scale!r}")
         if not isinstance(self.loop_stages, int) or not 0 <= self.loop_stages <= 8:
             raise ValueError(f"loop_stages must be an int in [0, 8], got {self.loop_stages!r}")
+        if not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= 8:
+            raise ValueError(f"prefetch must be an int in [0, 8], got {self.prefetch!r}")
         if self.dot_order not in DOT_ORDERS:
             raise ValueError(f"dot_order must be one of {DOT_ORDERS}, got {self.dot_order!r}")
         if not isinstance(self.mma_m, int) or not (

@@ -295,6 +295,19 @@ def _wide_tile_dot(
     return acc
 
 
+def tile_line_offsets(u0, n0, *, bku: int, cb: int, bn: int, units: int, n_cols: int):
+    """Flat offsets into the (units, cb, n_cols) words of one word per 128-byte line of the tile
+    of units [u0, u0 + BKU) and columns [n0, n0 + BN): int32 (BKU cb, max(1, BN / 32)).
+
+    Rows and columns past the array's end are clamped to its last row / column, so every offset
+    stays inside the array (a clamped line is a repeat, never another weight's memory)."""
+    shape = (bku * cb, max(1, bn // 32))
+    r = lax.broadcasted_iota(jnp.int32, shape, 0)
+    col = n0 + 32 * lax.broadcasted_iota(jnp.int32, shape, 1)
+    row = jnp.minimum(u0 * cb + r, units * cb - 1)
+    return row * n_cols + jnp.minimum(col, n_cols - 1)
+
+
 def higgs_matmul_kernel(
     x_ref,  # (Mp, NB, p, 32, XB) f32 (fma) / activation dtype (dot), or (Mp, p q, 32 U_x / q) (wide)
     w_ref,  # (U, cb, N) uint32: kernel-layout codes
@@ -326,6 +339,7 @@ def higgs_matmul_kernel(
     tile_scale: bool = False,
     swap_dot: bool = False,
     mma_m: int = 0,
+    prefetch: int = 0,
     interpret: bool = False,
 ):
     """Kernel body; see the module docstring. Plane-path options (`Config`):
@@ -345,6 +359,10 @@ def higgs_matmul_kernel(
       (BN, BKU) weights x (BKU, BM) activations into a (BN, BM) sum, transposed at the store.
     mma_m: "dot" path (`Config.mma_m`): rows of x per tensor-core dot; the program's BM rows are
       BM / mma_m dots that share each decoded plane, each with its own running sum. 0: BM.
+    prefetch: "fma"/"dot" paths (`Config.prefetch`): at each loop step, ask for the word tile
+      this many steps ahead to be brought into L2 (`_compat.prefetch_l2`, one PTX prefetch per
+      128-byte line; tiles 0 .. prefetch-1 before the loop). Past the program's last
+      tile it re-prefetches that tile, so no other program's words are touched. 0: off.
     """
     mm = mma_m or bm
     if path == "dot" and (bm % mm or mm < 16):
@@ -378,10 +396,17 @@ def higgs_matmul_kernel(
     def unit_rows(u0):
         return u0 + lax.broadcasted_iota(jnp.int32, (bku,), 0)
 
+    def prefetch_tile(it_ahead):  # L2 prefetch of the word tile of loop step it_ahead
+        u_pf = first_unit(jnp.minimum(it_ahead, steps - 1))
+        offsets = tile_line_offsets(u_pf, n0, bku=bku, cb=cb, bn=bn, units=units, n_cols=n_cols)
+        _compat.prefetch_l2(w_ref, offsets, interpret=interpret)
+
     def step(it, carry):
         state, ahead = carry
         u0 = first_unit(it)
         rows = unit_rows(u0)
+        if prefetch and path != "wide":
+            prefetch_tile(it + prefetch)
         if words == "prefetch" and path != "wide":
             # Issue the next tile's loads first; off the end of this program's range they are
             # masked off entirely (no memory traffic).
@@ -547,6 +572,11 @@ def higgs_matmul_kernel(
         if decode == "regtab"
         else []
     )
+    if prefetch and path != "wide":
+        # Tiles 0 .. prefetch-1 before the loop (with "lazy" words, tile 0's later word rows
+        # are then L2 hits too); step `it` asks for tile it + prefetch.
+        for ahead_step in range(prefetch):
+            prefetch_tile(jnp.int32(ahead_step))
     if words == "prefetch" and path != "wide":
         u_first = first_unit(0)
         m0 = tile_mask(unit_rows(u_first), cols, **mask_kw)

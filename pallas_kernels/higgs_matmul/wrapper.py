@@ -402,6 +402,7 @@ def launch_kernel(
             tile_scale=tile_scale_applies(kw, cfg),
             swap_dot=cfg.path == "dot" and cfg.dot_order == "wx",
             mma_m=min(cfg.mma_m, bm) if cfg.path == "dot" else 0,
+            prefetch=cfg.prefetch if cfg.path in ("fma", "dot") else 0,
             interpret=interpret,
             **common,
         )
@@ -411,6 +412,13 @@ def launch_kernel(
             name += "_wx"
         if cfg.path == "dot" and 0 < cfg.mma_m < bm:
             name += f"_mm{cfg.mma_m}"
+        if cfg.prefetch and cfg.path in ("fma", "dot"):
+            if kw.words.size >= 2**31:
+                raise ValueError(
+                    f"prefetch={cfg.prefetch} addresses the words with int32 offsets, but this "
+                    f"weight has {kw.words.size} words (>= 2^31); use prefetch=0"
+                )
+            name += f"_pf{cfg.prefetch}"
     if cfg.loop_stages and not interpret:
         if not _compat.install_loop_stages_hook():
             raise ValueError(
