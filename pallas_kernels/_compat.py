@@ -163,6 +163,21 @@ def fma_f32(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax
     return out
 
 
+def unary_pair_asm(words: jax.Array, text: str, dtype: Any) -> jax.Array:
+    """One-operand, one-result inline PTX over uint32 ``words`` giving a 16-bit float per word,
+    two words per asm instance (``$1``, ``$2`` in; ``$0`` out holds both values, the first in
+    its low half). Pure and unary, so Triton may hoist a dot operand's layout conversion through
+    it (`pallas_kernels.higgs_matmul.pairdec`)."""
+    (out,) = _plgpu().elementwise_inline_asm(
+        text,
+        args=[words],
+        constraints="=r,r,r",
+        pack=2,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, dtype)],
+    )
+    return out
+
+
 _MULTI_ASM_P = None
 
 

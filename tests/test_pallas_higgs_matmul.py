@@ -103,6 +103,18 @@ def make_weight(
     )
 
 
+def signmag_weight(w: KernelPackedWeight) -> KernelPackedWeight:
+    """The same weight with a sorted 16-point p = 1 grid relabelled to sign/magnitude order, as
+    `from_arrays` stores real HIGGS tensors (`repack.relabel_signmag`); others unchanged."""
+    from pallas_kernels.higgs_matmul.repack import kernel_grid_values, relabel_signmag, signmag_order
+
+    if signmag_order(w.p, w.grid_values) is None:
+        return w
+    return dataclasses.replace(
+        w, words=relabel_signmag(w.words), grid_values=kernel_grid_values(w.p, w.grid_values)
+    )
+
+
 def rel_err(y, r) -> float:
     y, r = np.asarray(y, np.float64), np.asarray(r, np.float64)
     return float(np.linalg.norm(y - r) / np.linalg.norm(r))
@@ -558,6 +570,168 @@ def test_dot_path_order_and_mma_rows_identity():
     _assert_dot_identity(w, cfg)
 
 
+# -- pair decoding ("regpair"): planes straight to bf16/f16 in the MMA operand's registers -------
+def _run_ptx(text: str, a: int, b: int) -> int:
+    """A tiny interpreter of the PTX subset `pairdec.ptx` emits (prmt in its default mode,
+    shr/and/xor/mul.lo on 32 bits), to check the asm text without a GPU."""
+    regs = {"$1": a, "$2": b}
+
+    def val(t):
+        return int(t, 0) if t[0].isdigit() else regs[t]
+
+    def prmt(x, y, c):
+        src = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+        out = 0
+        for k in range(4):
+            nib = (c >> (4 * k)) & 0xF
+            byte = src[nib & 7]
+            if nib & 8:  # sign-replicate mode
+                byte = 0xFF if byte & 0x80 else 0
+            out |= byte << (8 * k)
+        return out
+
+    ops = {
+        "prmt.b32": prmt,
+        "shr.b32": lambda x, y: x >> y,
+        "and.b32": lambda x, y: x & y,
+        "xor.b32": lambda x, y: x ^ y,
+        "mul.lo.u32": lambda x, y: x * y,
+    }
+    for ins in text.strip("{} ").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, args = ins.split(None, 1)
+        dst, *srcs = [t.strip() for t in args.split(",")]
+        regs[dst] = ops[op](*[val(t) for t in srcs]) & 0xFFFFFFFF
+    return regs["$0"]
+
+
+@pytest.mark.parametrize("n", [4, 16])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_pairdec_ptx_matches_its_emulation(n, dtype):
+    """Every field of the pair decoder's PTX (two code words in, two 16-bit values out, the
+    first in the low half) gives the bits `pairdec.emulate` gives, for random words."""
+    from pallas_kernels.higgs_matmul import pairdec
+
+    w = signmag_weight(make_weight(64, 8, 1, n))
+    cb = w.code_bits
+    rng = np.random.default_rng(n)
+    words = rng.integers(0, 2**32, size=(64, 2), dtype=np.uint64).astype(np.uint32)
+    for field in range(32 // cb):
+        text = pairdec.ptx(w.grid_values, cb, field, dtype)
+        want = np.asarray(pairdec.emulate(jnp.asarray(words), w.grid_values, cb, field, dtype))
+        want = want.view(np.uint16)
+        for (a, b), (wa, wb) in zip(words, want):
+            out = _run_ptx(text, int(a), int(b))
+            assert (out & 0xFFFF, out >> 16) == (wa, wb), (field, hex(a), hex(b), hex(out))
+    # the values are the grid rounded to the 16-bit dtype (sign/magnitude symmetric for n = 16)
+    vals = pairdec.table_values(w.grid_values, cb, dtype).astype(np.uint16).view(getattr(jnp, dtype))
+    g = np.asarray(w.grid_values, np.float32)[:, 0]
+    np.testing.assert_allclose(vals.astype(np.float32), g, rtol=2**-8 if dtype == "bfloat16" else 2**-11)
+
+
+REGPAIR_CASES = [  # (n, m, block_m, mma_m, dtype)
+    (4, 5, 16, 0, jnp.bfloat16),
+    (16, 16, 16, 0, jnp.bfloat16),
+    (16, 40, 64, 16, jnp.float16),
+    (4, 70, 64, 32, jnp.float16),
+]
+
+
+@pytest.mark.parametrize("n,m,block_m,mma_m,dtype", REGPAIR_CASES)
+def test_regpair_matches_reference(n, m, block_m, mma_m, dtype):
+    """decode='regpair' on the dot path (bf16 and f16 activations, padded rows, odd K, masked
+    columns, 16/32-row sub-dots) against the f32 reference and the regtab decoder."""
+    k, n_cols = 32 * 16 * 2 + 9, 40
+    w = signmag_weight(make_weight(k, n_cols, 1, n, g=512, seed=m))
+    x = jnp.asarray(np.random.default_rng(m).normal(size=(m, k)), dtype)
+    cfg = dataclasses.replace(
+        _cfg("dot", 1, "regpair"), block_m=block_m, mma_m=mma_m, block_k=512
+    )
+    assert tile_scale_applies(w, cfg)
+    y = higgs_matmul_pallas(x, w, config=cfg, interpret=not _on_gpu())
+    y0 = higgs_matmul_pallas(
+        x, w, config=dataclasses.replace(cfg, decode="regtab"), interpret=not _on_gpu()
+    )
+    r = higgs_matmul_reference(x.astype(jnp.float32), w)
+    assert y.shape == (m, n_cols) and y.dtype == x.dtype
+    assert rel_err(y, r) < 1e-2, rel_err(y, r)
+    assert rel_err(y, y0) < 5e-3, rel_err(y, y0)
+
+
+@pytest.mark.parametrize("n", [4, 16])
+def test_regpair_identity_is_exact(n):
+    """x = I through the pair decoder returns every weight exactly: its 16-bit table value
+    (`pairdec.table_values`) times the scale."""
+    from pallas_kernels.higgs_matmul import pairdec
+
+    w = signmag_weight(make_weight(1024, 16, 1, n, g=512, seed=6))
+    vals = pairdec.table_values(w.grid_values, w.code_bits, "bfloat16").astype(np.uint16)
+    w_eff = _with_grid(w, vals.view(jnp.bfloat16).astype(np.float32))
+    cfg = dataclasses.replace(_cfg("dot", 1, "regpair"), split_k=1)
+    x = jnp.eye(w.K, dtype=jnp.bfloat16)
+    got = jnp.concatenate(
+        [
+            higgs_matmul_pallas(x[i : i + 256], w, config=cfg, interpret=not _on_gpu())
+            for i in range(0, w.K, 256)
+        ]
+    )
+    want = decode_rotated(w_eff).astype(jnp.bfloat16)  # the op returns x's dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_regpair_lowers_to_unary_pair_asm():
+    """The regpair kernel's Triton IR holds one single-operand, single-result asm per plane
+    (two words in, one register of two bf16 out), the kind Triton hoists a dot operand's layout
+    through; no multi-result asm and no float truncation before the dots."""
+    import re
+
+    from benchmarks.sass_count import capture_ttir
+
+    w = signmag_weight(make_weight(1024, 128, 1, 16, g=512))
+    x = jnp.zeros((16, 1024), jnp.bfloat16)
+    cfg = dataclasses.replace(_cfg("dot", 1, "regpair"), block_n=128, block_k=512, split_k=1)
+    ir = capture_ttir(x, w, cfg)
+    asm = re.findall(r"tt\.elementwise_inline_asm .*\{constraints = \"([^\"]*)\", packed_element = (\d+).* : (tensor<[^>]*>) -> (tensor<[^>]*>)", ir)
+    assert len(asm) == 32, len(asm)
+    assert set(asm) == {("=r,r,r", "2", "tensor<16x128xi32>", "tensor<16x128xbf16>")}
+    assert "arith.truncf" not in ir[ir.index("scf.for") :]
+
+
+def test_regpair_bad_input():
+    w16 = signmag_weight(make_weight(1024, 16, 1, 16, g=512))
+    x = jnp.zeros((16, 1024), jnp.bfloat16)
+    cfg = dataclasses.replace(_cfg("dot", 1, "regpair"), split_k=1)
+    with pytest.raises(ValueError, match="handles 2- and 4-bit codes of p = 1 grids, got 3-bit"):
+        higgs_matmul_pallas(x, make_weight(1024, 16, 1, 8, g=512), config=cfg, interpret=True)
+    with pytest.raises(ValueError, match="sign/magnitude order .* got order 'sorted'"):
+        higgs_matmul_pallas(x, make_weight(1024, 16, 1, 16, g=512), config=cfg, interpret=True)
+    with pytest.raises(ValueError, match="decode='regpair' needs p=1, got p=2"):
+        higgs_matmul_pallas(
+            jnp.zeros((16, 2048), jnp.bfloat16),
+            make_weight(2048, 16, 2, 16, g=1024),
+            config=dataclasses.replace(cfg, block_k=1024),
+            interpret=True,
+        )
+    with pytest.raises(ValueError, match="tile_scale=False"):
+        higgs_matmul_pallas(
+            x, w16, config=dataclasses.replace(cfg, tile_scale=False), interpret=True
+        )
+    with pytest.raises(ValueError, match="group size 64 a multiple of block_k=512"):
+        higgs_matmul_pallas(x, make_weight(1024, 16, 1, 4, g=64), config=cfg, interpret=True)
+    with pytest.raises(ValueError, match="path='fma'"):
+        higgs_matmul_pallas(
+            x[:1], w16, config=dataclasses.replace(cfg, path="fma"), interpret=True
+        )
+    from pallas_kernels.higgs_matmul import pairdec
+
+    with pytest.raises(ValueError, match="field must be in \\[0, 8\\) for 4-bit codes, got 8"):
+        pairdec.ptx(w16.grid_values, 4, 8)
+    with pytest.raises(ValueError, match="produces one of \\('bfloat16', 'float16'\\), got 'float32'"):
+        pairdec.table_values(w16.grid_values, 4, "float32")
+
+
 def test_dot_order_and_mma_rows_bad_input():
     with pytest.raises(ValueError, match=r"dot_order must be one of \('xw', 'wx'\), got 'xx'"):
         Config(dot_order="xx")
@@ -671,11 +845,13 @@ def test_prefetch_offsets_cover_the_tile_and_stay_inside(units, n_cols, bn):
             off = np.asarray(
                 tile_line_offsets(u0, n0, bku=bku, cb=cb, bn=bn, units=units, n_cols=n_cols)
             )
-            assert off.shape == (bku * cb, max(1, bn // 32)) and off.dtype == np.int32
+            # 12 word rows (cb = 3) padded to 16 by repeating the last one (Triton: powers of 2)
+            assert off.shape == (16, max(1, bn // 32)) and off.dtype == np.int32
             assert off.min() >= 0 and off.max() < words.size
             u, t, n = np.unravel_index(off, words.shape)
             # rows: the tile's word rows, clamped to the last row of the array
-            want_rows = np.minimum(u0 * cb + np.arange(bku * cb), units * cb - 1)
+            tile_rows = np.minimum(np.arange(16), bku * cb - 1)
+            want_rows = np.minimum(u0 * cb + tile_rows, units * cb - 1)
             np.testing.assert_array_equal(u[:, 0] * cb + t[:, 0], want_rows)
             # columns: the start of each 32-word line of [n0, n0 + BN), clamped to N - 1
             want_cols = np.minimum(n0 + 32 * np.arange(max(1, bn // 32)), n_cols - 1)

@@ -11,7 +11,7 @@ import dataclasses
 PATHS = ("fma", "dot", "gemv", "wide")
 WORD_LOADS = ("lazy", "eager", "prefetch")
 DOT_ORDERS = ("xw", "wx")
-DECODES = ("auto", "poly", "select", "gather", "gather_pair", "regtab", "byte", "code")
+DECODES = ("auto", "poly", "select", "gather", "gather_pair", "regtab", "regpair", "byte", "code")
 MAX_M = 256
 #: Largest M (after padding to a power of two) the CUDA-core (fma) path handles.
 MAX_FMA_M = 8
@@ -47,7 +47,10 @@ class Config:
         compiled in), "gather" (f32 LUT gather), "gather_pair" (p=2: one 32-bit gather returns
         both coordinates as a bf16 pair), "regtab" (p = 1 with 2-, 3- or 4-bit codes, "fma" and
         "dot" paths: the grid as byte tables in registers, decoded with PTX byte permutes, no
-        memory lookups; `regtab.py`), or "auto"; on the "gemv" path "byte" (one lookup per
+        memory lookups; `regtab.py`), "regpair" ("dot" path, p = 1 with 2- or 4-bit codes,
+        tiles inside one scale group: each plane decoded straight to bf16/f16 pairs by one unary
+        PTX block per two weights, so Triton keeps the decoded operand in the MMA's registers
+        instead of a shared-memory round trip per plane; `pairdec.py`), or "auto"; on the "gemv" path "byte" (one lookup per
         byte of codes in 256-entry pair tables) or "code" (one lookup per code in an n-entry
         table) or "auto".
       volatile: "gemv" path: prefetch the next tile's words with volatile loads, which keeps

@@ -45,6 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels.higgs_matmul import pairdec as _pairdec
 from pallas_kernels.higgs_matmul import regtab as _regtab
 from pallas_kernels.higgs_matmul.repack import code_parts, part_shifts
 
@@ -297,12 +298,14 @@ def _wide_tile_dot(
 
 def tile_line_offsets(u0, n0, *, bku: int, cb: int, bn: int, units: int, n_cols: int):
     """Flat offsets into the (units, cb, n_cols) words of one word per 128-byte line of the tile
-    of units [u0, u0 + BKU) and columns [n0, n0 + BN): int32 (BKU cb, max(1, BN / 32)).
+    of units [u0, u0 + BKU) and columns [n0, n0 + BN): int32 (R, max(1, BN / 32)), R = BKU cb
+    rounded up to a power of two (the extra rows repeat the tile's last word row).
 
     Rows and columns past the array's end are clamped to its last row / column, so every offset
     stays inside the array (a clamped line is a repeat, never another weight's memory)."""
-    shape = (bku * cb, max(1, bn // 32))
-    r = lax.broadcasted_iota(jnp.int32, shape, 0)
+    rows = bku * cb
+    shape = (1 << (rows - 1).bit_length(), max(1, bn // 32))  # Triton tensors: powers of two
+    r = jnp.minimum(lax.broadcasted_iota(jnp.int32, shape, 0), rows - 1)  # 3-bit: 48 -> 64 rows
     col = n0 + 32 * lax.broadcasted_iota(jnp.int32, shape, 1)
     row = jnp.minimum(u0 * cb + r, units * cb - 1)
     return row * n_cols + jnp.minimum(col, n_cols - 1)
@@ -510,7 +513,25 @@ def higgs_matmul_kernel(
                         else:
                             dot_acc[r] = _compat.dot_acc(xs, wv, dot_acc[r], interpret=interpret)
 
-        if decode == "regtab":
+        if decode == "regpair":
+            # Pair decoding (pairdec.py): one unary PTX block per plane and two weights, straight
+            # to the activation dtype, so Triton feeds the MMA from registers (no shared-memory
+            # round trip of the decoded plane).
+            if path != "dot" or not tile_scale:
+                raise ValueError("decode='regpair' needs the dot path with tile_scale")
+            dt = jnp.dtype(x_ref.dtype).name
+            per = 32 // cb
+            for t in range(cb):
+                wt = word(t)
+                for f in range(per):
+                    if interpret:
+                        v = _pairdec.emulate(wt, grid_values, cb, f, dt)
+                    else:
+                        text = _pairdec.ptx(grid_values, cb, f, dt)
+                        v = _compat.unary_pair_asm(wt, text, x_ref.dtype)
+                    consume([v], ((0, t * per + f),))
+            planes = range(0)
+        elif decode == "regtab":
             # Register tables (regtab.py): one inline-PTX block per word (two for 3-bit codes)
             # decodes all its codes with byte permutes; no memory lookups.
             for prog, rows_t, first in _regtab.jobs(grid_values, cb):

@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _compat
 from pallas_kernels.higgs_matmul import gemv as _gemv
 from pallas_kernels.higgs_matmul import kernel as _kernel
+from pallas_kernels.higgs_matmul import pairdec as _pairdec
 from pallas_kernels.higgs_matmul import regtab as _regtab
 from pallas_kernels.higgs_matmul.config import MAX_FMA_M, MAX_M, Config, default_config
 from pallas_kernels.higgs_matmul.repack import SUPPORTED, KernelPackedWeight, repack
@@ -167,6 +168,13 @@ def resolve_decode(
         if mags is None:
             raise ValueError("decode='poly' needs a sorted, symmetric 1-D grid")
         return decode, _kernel.magnitude_poly(mags)
+    if decode == "regpair":
+        if kw.p != 1:
+            raise ValueError(f"decode='regpair' needs p=1, got p={kw.p}")
+        if path != "dot":
+            raise ValueError(f"decode='regpair' runs on path='dot', got path={path!r}")
+        _pairdec.check(kw.grid_values, kw.code_bits)
+        return decode, ()
     if decode == "regtab":
         if kw.p != 1 or kw.code_bits not in _regtab.CODE_BITS:
             raise ValueError(
@@ -356,6 +364,12 @@ def launch_kernel(
         raise ValueError(f"decode={cfg.decode!r} is for path='gemv', got path={cfg.path!r}")
     if cfg.decode == "regtab" and cfg.path not in ("fma", "dot"):
         raise ValueError(f"decode='regtab' runs on path='fma' or 'dot', got path={cfg.path!r}")
+    if cfg.decode == "regpair" and not tile_scale_applies(kw, cfg):
+        raise ValueError(
+            "decode='regpair' needs path='dot' with tile_scale=True and each loop step inside one "
+            f"scale group (group size {kw.group_size} a multiple of block_k={cfg.block_k}); got "
+            f"path={cfg.path!r}, tile_scale={cfg.tile_scale}"
+        )
     decode, coef = resolve_decode(cfg.decode if cfg.path != "gemv" else "auto", kw, cfg.path)
     common = dict(
         p=p,
