@@ -61,7 +61,9 @@ def check(grid_values, code_bits: int) -> None:
         )
     g = _grid_1d(grid_values)
     if g.size != 1 << code_bits:
-        raise ValueError(f"decode='regpair': a {code_bits}-bit code needs {1 << code_bits} grid points, got {g.size}")
+        raise ValueError(
+            f"decode='regpair': a {code_bits}-bit code needs {1 << code_bits} grid points, got {g.size}"
+        )
     if code_bits == 4 and grid_order(grid_values) != "signmag":
         raise ValueError(
             "decode='regpair' needs a 16-point grid in sign/magnitude order (g[8 + i] = -g[i] > 0), "
@@ -120,7 +122,9 @@ def _ptx_cached(key: tuple[float, ...], code_bits: int, field: int, dtype: str) 
 def ptx(grid_values, code_bits: int, field: int, dtype: str = "bfloat16") -> str:
     """The unary inline PTX (two uint32 code words -> two 16-bit values) for field ``field``."""
     if not 0 <= field < 32 // code_bits:
-        raise ValueError(f"field must be in [0, {32 // code_bits}) for {code_bits}-bit codes, got {field}")
+        raise ValueError(
+            f"field must be in [0, {32 // code_bits}) for {code_bits}-bit codes, got {field}"
+        )
     key = tuple(float(v) for v in _grid_1d(grid_values))
     return _ptx_cached(key, code_bits, field, dtype)
 
