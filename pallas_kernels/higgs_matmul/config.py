@@ -49,9 +49,9 @@ class Config:
         "dot" paths: the grid as byte tables in registers, decoded with PTX byte permutes, no
         memory lookups; `regtab.py`), "regpair" ("dot" path, p = 1 with 2- or 4-bit codes,
         tiles inside one scale group: each plane decoded straight to bf16/f16 pairs by one unary
-        PTX block per two weights, so Triton keeps the decoded operand in the MMA's registers
-        instead of a shared-memory round trip per plane; `pairdec.py`), or "auto"; on the "gemv" path "byte" (one lookup per
-        byte of codes in 256-entry pair tables) or "code" (one lookup per code in an n-entry
+        PTX block per two weights, so with dot_order="xw" Triton keeps the decoded operand in
+        the MMA's registers instead of a shared-memory round trip per plane; `pairdec.py`), or
+        "auto"; on the "gemv" path "byte" (one lookup per byte of codes in 256-entry pair tables) or "code" (one lookup per code in an n-entry
         table) or "auto".
       volatile: "gemv" path: prefetch the next tile's words with volatile loads, which keeps
         the compiler from sinking the prefetch to the end of the loop body.

@@ -10,6 +10,8 @@ went through a shared-memory store, a barrier and a matrix load (session 9). Her
 one *unary* PTX block from the 32-bit code word to one 16-bit value, no truncation op: the chain
 load -> asm -> dot hoists, and the word tile is loaded once per step straight into the layout
 the MMA wants (checked by `benchmarks/sass_count.py`: no per-plane shared-memory traffic).
+Only with ``dot_order="xw"``: the transpose of the "wx" order sits between the asm and the dot
+and stops the hoisting (the results are the same, the shared-memory round trip comes back).
 
 One asm instance handles two elements (``pack=2``: two code words in, one register of two 16-bit
 values out; Triton pairs elements that are adjacent in the thread's registers). For field ``s``
@@ -37,7 +39,7 @@ import functools
 
 import numpy as np
 
-from pallas_kernels.higgs_matmul.regtab import _grid_1d, grid_order
+from pallas_kernels.higgs_matmul.regtab import _grid_1d, _pack_bytes, grid_order
 
 CODE_BITS = (2, 4)
 DTYPES = ("bfloat16", "float16")
@@ -81,10 +83,6 @@ def table_values(grid_values, code_bits: int, dtype: str) -> np.ndarray:
     return np.concatenate([low, low ^ np.uint32(0x8000)])
 
 
-def _byte_table(bytes_: np.ndarray) -> int:
-    return int(sum(int(b) << (8 * i) for i, b in enumerate(bytes_)))
-
-
 @functools.lru_cache(maxsize=256)
 def _ptx_cached(key: tuple[float, ...], code_bits: int, field: int, dtype: str) -> str:
     g = np.asarray(key, np.float64)
@@ -102,13 +100,13 @@ def _ptx_cached(key: tuple[float, ...], code_bits: int, field: int, dtype: str) 
         lines.append(f"shr.b32 g, g, {shift};")
     if code_bits == 2:
         lines.append("and.b32 m, g, 0x0303;")  # codes in selector nibbles 0 and 2
-        lines.append(f"prmt.b32 h, {_byte_table(hi):#010x}, 0, m;")
-        lines.append(f"prmt.b32 l, {_byte_table(lo):#010x}, 0, m;")
+        lines.append(f"prmt.b32 h, {_pack_bytes(hi):#010x}, 0, m;")
+        lines.append(f"prmt.b32 l, {_pack_bytes(lo):#010x}, 0, m;")
         lines.append("prmt.b32 $0, l, h, 0x6240;")
     else:
         lines.append("and.b32 m, g, 0x0707;")  # magnitude indices in selector nibbles 0 and 2
-        lines.append(f"prmt.b32 h, {_byte_table(hi[:4]):#010x}, {_byte_table(hi[4:]):#010x}, m;")
-        lines.append(f"prmt.b32 l, {_byte_table(lo[:4]):#010x}, {_byte_table(lo[4:]):#010x}, m;")
+        lines.append(f"prmt.b32 h, {_pack_bytes(hi[:4]):#010x}, {_pack_bytes(hi[4:]):#010x}, m;")
+        lines.append(f"prmt.b32 l, {_pack_bytes(lo[:4]):#010x}, {_pack_bytes(lo[4:]):#010x}, m;")
         lines.append("prmt.b32 h, l, h, 0x6240;")
         # bit 3 of each code (bits 3 and 11 of g) -> bits 15 and 31: x (2^12 + 2^20), masked
         lines.append("and.b32 g, g, 0x0808;")
