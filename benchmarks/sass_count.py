@@ -128,6 +128,8 @@ def main(argv=None) -> int:
     from benchmarks.kernel_bench import parse_shape, random_weight
     from benchmarks.tile_sweep import GRIDS
     from pallas_kernels.higgs_matmul import default_config
+    from pallas_kernels.higgs_matmul.config import nk_config
+    from pallas_kernels.higgs_matmul.repack import to_nk16
     from pallas_kernels.higgs_matmul.repack import SUPPORTED
 
     ap = argparse.ArgumentParser()
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     for name in ("block-k", "block-n", "split-k", "warps", "stages", "block-m"):
         ap.add_argument(f"--{name}", type=int, default=None)
     ap.add_argument("--decode", default=None)
-    ap.add_argument("--path", default=None, choices=("fma", "dot", "wide", "gemv"))
+    ap.add_argument("--path", default=None, choices=("fma", "dot", "wide", "gemv", "nk"))
     ap.add_argument("--no-tile-scale", action="store_true", help="Config(tile_scale=False)")
     ap.add_argument("--loop-stages", type=int, default=None, help="Config.loop_stages")
     ap.add_argument("--dot-order", choices=("xw", "wx"), default=None, help="Config.dot_order")
@@ -155,7 +157,10 @@ def main(argv=None) -> int:
         ap.error(f"--shape: {e}")
     if k <= 0 or ncols <= 0 or args.m <= 0:
         ap.error(f"--shape {args.shape!r} and --m {args.m} must be positive")
-    cfg = default_config(args.m, k, ncols, p, SUPPORTED[(p, n)] / p)
+    if args.path == "nk":  # nk16 weight layout (repack.to_nk16) and its own default
+        cfg = nk_config(args.m, k, ncols)
+    else:
+        cfg = default_config(args.m, k, ncols, p, SUPPORTED[(p, n)] / p)
     over = {
         "block_k": args.block_k,
         "block_n": args.block_n,
@@ -176,6 +181,8 @@ def main(argv=None) -> int:
     except ValueError as e:  # Config names the bad field and value
         ap.error(f"config overrides: {e}")
     w = random_weight(jax.random.key(0), k, ncols, p, n)
+    if cfg.path == "nk":
+        w = jax.jit(to_nk16)(w)
     x = jnp.zeros((args.m, k), jnp.bfloat16)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +209,7 @@ def main(argv=None) -> int:
         cnt = whole_counts(sass)
         print(f"no loop in the SASS (fully unrolled): whole kernel / {per} steps")
     threads = 32 * cfg.num_warps
-    rows = cfg.block_m if cfg.path in ("dot", "wide") else 1
+    rows = cfg.block_m if cfg.path in ("dot", "wide", "nk") else 1
     weights = bku * 32 * p * cfg.block_n / threads * per  # per thread, per loop (one M block)
     total = sum(cnt.values())
     alu = sum(c for op, c in cnt.items() if op.split(".")[0] in ALU_OPS)

@@ -38,9 +38,14 @@ from benchmarks.kernel_bench import (  # noqa: E402
 )
 from pallas_kernels.higgs_matmul import default_config, higgs_matmul_pallas  # noqa: E402
 from pallas_kernels.higgs_matmul.autotune import time_device  # noqa: E402
-from pallas_kernels.higgs_matmul.config import DECODES, TARGET_PROGRAMS, split_k_for  # noqa: E402
+from pallas_kernels.higgs_matmul.config import (  # noqa: E402
+    DECODES,
+    TARGET_PROGRAMS,
+    nk_config,
+    split_k_for,
+)
 from pallas_kernels.higgs_matmul.reference import higgs_matmul_reference  # noqa: E402
-from pallas_kernels.higgs_matmul.repack import SUPPORTED  # noqa: E402
+from pallas_kernels.higgs_matmul.repack import SUPPORTED, to_nk16  # noqa: E402
 
 #: The four linears of a fused 8B decoder layer: qkv, o, gate_up, down.
 SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
@@ -160,7 +165,12 @@ def parse_variant(text: str) -> dict:
 def variant_candidates(m: int, k: int, n: int, p: int, n_grid: int, variants) -> list:
     """The default config, then the default with each variant's overrides (`parse_variant`)."""
     base = default_config(m, k, n, p, SUPPORTED[(p, n_grid)] / p)
-    out = [base] + [dataclasses.replace(base, **parse_variant(v)) for v in variants]
+    out = [base]
+    for v in variants:
+        over = parse_variant(v)
+        # "path=nk": the nk16 layout's own default (`nk_config`), then the other overrides
+        start = nk_config(m, k, n) if over.get("path") == "nk" else base
+        out.append(dataclasses.replace(start, **over))
     return list(dict.fromkeys(out))
 
 
@@ -266,20 +276,26 @@ def main(argv=None) -> int:
                 )
             else:
                 cands = candidates(args.m, k, n, p, n_grid, args.full)
+            nk_weights: list = []  # the nk16 copies (`repack.to_nk16`), made once if needed
             for i, cfg in enumerate(cands):
+                ws = kws
+                if cfg.path == "nk":
+                    if not nk_weights:
+                        nk_weights.extend(jax.jit(to_nk16)(w) for w in kws)
+                    ws = nk_weights
                 if time.perf_counter() - t_start > args.budget_s:
                     print("budget exhausted", flush=True)
                     break
                 row = {"grid": gname, "k": k, "n": n, "default": i == 0, **cfg.to_dict()}
                 try:
-                    y = higgs_matmul_pallas(x, kw0, config=cfg, interpret=interpret)
+                    y = higgs_matmul_pallas(x, ws[0], config=cfg, interpret=interpret)
                     y = np.asarray(y, np.float64)
                     row["rel_err"] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
                     if row["rel_err"] > 2e-2:
                         raise AssertionError(f"rel err {row['rel_err']:.2e} vs the reference")
                     if not args.smoke:
                         fn = lambda a, w, c=cfg: higgs_matmul_pallas(a, w, config=c)  # noqa: E731
-                        row["us"] = time_device(fn, x, kws, args.reps) * 1e6
+                        row["us"] = time_device(fn, x, ws, args.reps) * 1e6
                 except Exception as e:  # noqa: BLE001 - a failing candidate is reported
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 rows.append(row)

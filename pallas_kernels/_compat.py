@@ -164,14 +164,18 @@ def fma_f32(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax
 
 
 def unary_pair_asm(words: jax.Array, text: str, dtype: Any) -> jax.Array:
-    """One-operand, one-result inline PTX over uint32 ``words`` giving a 16-bit float per word,
-    two words per asm instance (``$1``, ``$2`` in; ``$0`` out holds both values, the first in
+    """One-operand, one-result inline PTX over integer ``words`` giving a 16-bit float per word,
+    two words per asm instance; ``$0`` out holds both values, the first in its low half. uint32
+    words arrive as ``$1``, ``$2``; 16-bit words packed into one register ``$1`` (the first in
     its low half). Pure and unary, so Triton may hoist a dot operand's layout conversion through
-    it (`pallas_kernels.higgs_matmul.pairdec`)."""
+    it (`pallas_kernels.higgs_matmul.pairdec`, `nkpair`)."""
+    bits = jnp.dtype(words.dtype).itemsize * 8
+    if bits not in (16, 32):
+        raise ValueError(f"unary_pair_asm takes 16- or 32-bit words, got {words.dtype}")
     (out,) = _plgpu().elementwise_inline_asm(
         text,
         args=[words],
-        constraints="=r,r,r",
+        constraints="=r,r,r" if bits == 32 else "=r,r",
         pack=2,
         result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, dtype)],
     )

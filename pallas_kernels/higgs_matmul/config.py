@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-PATHS = ("fma", "dot", "gemv", "wide")
+PATHS = ("fma", "dot", "gemv", "wide", "nk")
 WORD_LOADS = ("lazy", "eager", "prefetch")
 DOT_ORDERS = ("xw", "wx")
 DECODES = ("auto", "poly", "select", "gather", "gather_pair", "regtab", "regpair", "byte", "code")
@@ -40,7 +40,10 @@ class Config:
       path: "gemv" (byte-LUT kernel of gemv.py: M <= 8, 2/4/8-bit codes), "fma" (plane kernel,
         CUDA-core multiply-add, M <= 8, any code width), "dot" (plane kernel, tensor-core
         bf16/f16 dots of K = block_k / (32 p), any M) or "wide" (whole tile decoded at once,
-        one tensor-core dot of K = block_k / p per grid coordinate, any M; see kernel.py).
+        one tensor-core dot of K = block_k / p per grid coordinate, any M; see kernel.py), or
+        "nk" (weights in the nk16 layout of `repack.to_nk16`, p = 1 with 2- or 4-bit codes,
+        any M: each plane decoded by `nkpair` into the first operand of a tensor-core dot,
+        straight from registers; kernel_nk.py). A weight in the nk16 layout runs only on "nk".
       block_m: rows of x per program on the "dot" and "wide" paths (power of two, >= 16).
       decode: how a code becomes a grid value: "poly" (exact interpolating polynomial of the
         symmetric 1-D grid's magnitudes), "select" (select tree on the code bits, constants
@@ -136,7 +139,7 @@ class Config:
             self.mma_m == 0 or (self.mma_m >= 16 and _pow2(self.mma_m))
         ):
             raise ValueError(f"mma_m must be 0 or a power of two >= 16, got {self.mma_m!r}")
-        if self.path in ("dot", "wide") and self.block_m < 16:
+        if self.path in ("dot", "wide", "nk") and self.block_m < 16:
             raise ValueError(
                 f"block_m must be >= 16 on the {self.path} path (tensor-core dot), got "
                 f"{self.block_m}"
@@ -237,6 +240,30 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
         block_m=block_m,
         decode="auto",
         **shape,
+    )
+
+
+def nk_config(m: int, k: int, n: int) -> Config:
+    """Heuristic config of the "nk" path (p = 1 weights in the nk16 layout) for an (m, k) x (k, n)
+    product: 16 units per step (one dot of K = 16 per plane), BM = M rounded up to a power of two
+    between 16 and 64 (one warpgroup dot of BM rows per plane), 128 columns, two pipeline stages,
+    split-K up to `TARGET_PROGRAMS` programs."""
+    units = -(-k // 32)
+    units += units % 2  # the nk16 layout pads to whole unit pairs
+    block_m = min(64, max(16, _next_pow2(m)))
+    block_n = min(128, max(64, _next_pow2(n)))
+    bku = 16
+    steps_total = -(-units // bku)
+    n_blocks = -(-n // block_n) * -(-m // block_m)
+    split = split_k_for(steps_total, n_blocks, TARGET_PROGRAMS)
+    return Config(
+        block_n=block_n,
+        block_k=bku * 32,
+        split_k=split,
+        num_warps=4,
+        num_stages=2,
+        path="nk",
+        block_m=block_m,
     )
 
 

@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.higgs_matmul.repack import repack, unpack_kernel_words
+from pallas_kernels.higgs_matmul.repack import kernel_codes, repack
 from pallas_kernels.higgs_matmul.wrapper import apply_outliers, rotate_activations
 
 
 def decode_rotated(kw) -> jax.Array:
     """Wrot (K_pad, N) float32 from a `KernelPackedWeight` (grid lookup times scales)."""
-    codes = unpack_kernel_words(kw.words, kw.code_bits)[: kw.k_pad // kw.p]  # (Kc, N)
+    codes = kernel_codes(kw)[: kw.k_pad // kw.p]  # (Kc, N)
     lut = jnp.asarray(np.asarray(kw.grid_values, np.float32))  # (n, p)
     vals = jnp.take(lut, codes, axis=0)  # (Kc, N, p)
     vals = jnp.swapaxes(vals, 1, 2).reshape(kw.k_pad, kw.N)

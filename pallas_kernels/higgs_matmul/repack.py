@@ -102,13 +102,17 @@ def code_parts(code_bits: int) -> tuple[int, ...]:
         "hadamard_size",
         "group_size",
         "k_pad",
+        "layout",
     ],
 )
 @dataclasses.dataclass(frozen=True)
 class KernelPackedWeight:
     """A HIGGS weight (K, N) in the kernel layout of this module's docstring.
 
-    Invariant: ``words.shape == (U, cb, N)`` with ``U = ceil(k_pad / p / 32)``,
+    Invariant (``layout="kn"``, the default): ``words.shape == (U, cb, N)`` uint32 with
+    ``U = ceil(k_pad / p / 32)``; ``layout="nk16"`` (p = 1, 2- and 4-bit codes, made by `to_nk16`
+    for the "nk" kernel path): ``words.shape == (2 cb, N, U)`` uint16 with U rounded up to even,
+    the layout of `nkpair`. Either way
     ``scales.shape == (k_pad // group_size, N)``, ``signs`` is None or ``(k_pad,)``,
     optional sparse outliers ``W[outlier_rows[i], outlier_cols[i]] += outlier_values[i]`` (in W's
     unrotated domain, as in `HiggsTensor`),
@@ -130,6 +134,7 @@ class KernelPackedWeight:
     outlier_rows: jax.Array | None = None
     outlier_cols: jax.Array | None = None
     outlier_values: jax.Array | None = None
+    layout: str = "kn"
 
     @property
     def K(self) -> int:
@@ -145,11 +150,12 @@ class KernelPackedWeight:
 
     @property
     def units(self) -> int:
-        return self.words.shape[0]
+        return self.words.shape[2] if self.layout == "nk16" else self.words.shape[0]
 
     @property
     def nbytes(self) -> int:
-        total = self.words.size * 4 + self.scales.size * jnp.dtype(self.scales.dtype).itemsize
+        total = self.words.size * jnp.dtype(self.words.dtype).itemsize
+        total += self.scales.size * jnp.dtype(self.scales.dtype).itemsize
         return int(total + (0 if self.signs is None else self.signs.size))
 
 
@@ -224,6 +230,15 @@ def unpack_kernel_words(words: jax.Array, code_bits: int) -> jax.Array:
         row += w
         offset += w
     return code.reshape(units * 32, ncols).astype(jnp.int32)
+
+
+def kernel_codes(kw: KernelPackedWeight) -> jax.Array:
+    """int32 codes (32 U, N) of a `KernelPackedWeight` in either layout (tests, reference)."""
+    if kw.layout == "nk16":
+        from pallas_kernels.higgs_matmul import nkpair
+
+        return nkpair.unpack_pair_words(kw.words, kw.code_bits)
+    return unpack_kernel_words(kw.words, kw.code_bits)
 
 
 def from_arrays(
@@ -322,3 +337,28 @@ def repack(qt) -> KernelPackedWeight:
             else (qt.outlier_rows, qt.outlier_cols, qt.outlier_values)
         ),
     )
+
+
+def to_nk16(w) -> KernelPackedWeight:
+    """`HiggsTensor` or `KernelPackedWeight` -> the same weight in the "nk16" layout
+    (`nkpair.py`; p = 1 grids with 2- or 4-bit codes), which the kernel's "nk" path reads. A
+    one-time transpose and bit shuffle of the same size (plus one zero unit per column when the
+    unit count is odd); do it once at load time. Idempotent.
+
+    Raises:
+      ValueError: p != 1, code width other than 2 or 4, or a 16-point grid that is not
+        symmetric.
+    """
+    from pallas_kernels.higgs_matmul import nkpair  # lazy: only this layout needs it
+
+    kw = repack(w)
+    if kw.layout == nkpair.LAYOUT:
+        return kw
+    if kw.p != 1:
+        raise ValueError(f"the nk16 layout holds p = 1 codes, got p={kw.p}")
+    nkpair.check(kw.grid_values, kw.code_bits)
+    codes = unpack_kernel_words(kw.words, kw.code_bits)  # (32 U, N)
+    if kw.units % 2:
+        codes = jnp.pad(codes, [(0, 32), (0, 0)])
+    words = nkpair.pack_pair_words(codes, kw.code_bits)
+    return dataclasses.replace(kw, words=words, layout=nkpair.LAYOUT)

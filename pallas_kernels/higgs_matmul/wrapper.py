@@ -23,9 +23,11 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _compat
 from pallas_kernels.higgs_matmul import gemv as _gemv
 from pallas_kernels.higgs_matmul import kernel as _kernel
+from pallas_kernels.higgs_matmul import kernel_nk as _kernel_nk
+from pallas_kernels.higgs_matmul import nkpair as _nkpair
 from pallas_kernels.higgs_matmul import pairdec as _pairdec
 from pallas_kernels.higgs_matmul import regtab as _regtab
-from pallas_kernels.higgs_matmul.config import MAX_FMA_M, MAX_M, Config, default_config
+from pallas_kernels.higgs_matmul.config import MAX_FMA_M, MAX_M, Config, default_config, nk_config
 from pallas_kernels.higgs_matmul.repack import SUPPORTED, KernelPackedWeight, repack
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -306,11 +308,11 @@ def _plan(kw: KernelPackedWeight, cfg: Config, m: int, out_dtype) -> dict:
             )
         mp, bm, xdt = _next_pow2(m), 1, jnp.float32
     else:
-        if cfg.path == "dot" and bku < MIN_DOT_UNITS:
+        if cfg.path in ("dot", "nk") and bku < MIN_DOT_UNITS:
             # Each plane is one (BM, BKU) x (BKU, BN) tensor-core dot; Triton needs K >= 16.
             # Measured on an H100 (session 6): BKU = 4 and 8 returned wrong sums (rel. err 1-3).
             raise ValueError(
-                f"path='dot' needs block_k / (32 p) >= {MIN_DOT_UNITS} units per step (the K of "
+                f"path={cfg.path!r} needs block_k / (32 p) >= {MIN_DOT_UNITS} units per step (the K of "
                 f"each tensor-core dot), got block_k={cfg.block_k} = {bku} units for p={p}"
             )
         bm = min(cfg.block_m, max(16, _next_pow2(m)))
@@ -344,6 +346,22 @@ def tile_scale_applies(kw: KernelPackedWeight, cfg: Config) -> bool:
     return cfg.path == "dot" and cfg.tile_scale and kw.group_size % cfg.block_k == 0
 
 
+def _check_layout(kw: KernelPackedWeight, cfg: Config) -> None:
+    """The nk16 layout and the "nk" path go together; the path scales whole tiles."""
+    nk = kw.layout == _nkpair.LAYOUT
+    if nk != (cfg.path == "nk"):
+        raise ValueError(
+            f"path={cfg.path!r} reads the {'nk16' if cfg.path == 'nk' else 'kn'} weight layout, "
+            f"but this weight is in the {kw.layout!r} layout"
+            + ("; convert it once with repack.to_nk16" if cfg.path == "nk" else "; use path='nk'")
+        )
+    if nk and kw.group_size % cfg.block_k:
+        raise ValueError(
+            f"path='nk' scales whole tiles: the group size {kw.group_size} must be a multiple of "
+            f"block_k={cfg.block_k}"
+        )
+
+
 def launch_kernel(
     xk: jax.Array,
     xblk: int,
@@ -370,6 +388,42 @@ def launch_kernel(
             f"scale group (group size {kw.group_size} a multiple of block_k={cfg.block_k}); got "
             f"path={cfg.path!r}, tile_scale={cfg.tile_scale}"
         )
+    _check_layout(kw, cfg)
+    if cfg.path == "nk":
+        body = functools.partial(
+            _kernel_nk.nk_kernel,
+            cb=cb,
+            grid_values=kw.grid_values,
+            units=units,
+            bku=bku,
+            bn=bn,
+            bm=bm,
+            mma_m=min(cfg.mma_m, bm),
+            steps=steps,
+            n_cols=N,
+            group_units_num=32,
+            group_units_den=kw.group_size,
+            num_groups=kw.scales.shape[0],
+            mask_rows=ux != units,
+            mask_cols=n_out != N,
+            xblk=xblk,
+            interpret=interpret,
+        )
+        name = f"higgs_matmul_p1_cb{cb}_nk"
+        if 0 < cfg.mma_m < bm:
+            name += f"_mm{cfg.mma_m}"
+        with _compat.quiet_triton_deprecation():
+            partial = pl.pallas_call(
+                body,
+                out_shape=jax.ShapeDtypeStruct((split, mp, n_out), jnp.float32),
+                grid=(n_out // bn, split, mp // bm),
+                compiler_params=None
+                if interpret
+                else _compat.compiler_params(cfg.num_warps, cfg.num_stages),
+                interpret=interpret,
+                name=name,
+            )(xk, kw.words, kw.scales)
+        return jnp.sum(partial, axis=0)[:m, :N]
     decode, coef = resolve_decode(cfg.decode if cfg.path != "gemv" else "auto", kw, cfg.path)
     common = dict(
         p=p,
@@ -467,7 +521,12 @@ def _higgs_matmul(x, w, bias, config, interpret):
     lead = x.shape[:-1]
     m = int(np.prod(lead)) if lead else 1
     x2 = x.reshape(m, kw.K)
-    cfg = config or default_config(m, kw.K, kw.N, kw.p, kw.code_bits / kw.p)
+    if config is not None:
+        cfg = config
+    elif kw.layout == _nkpair.LAYOUT:
+        cfg = nk_config(m, kw.K, kw.N)
+    else:
+        cfg = default_config(m, kw.K, kw.N, kw.p, kw.code_bits / kw.p)
     y = _launch(x2, kw, cfg, m, x.dtype, interpret)
     y = apply_outliers(kw, x2, y)
     if bias is not None:

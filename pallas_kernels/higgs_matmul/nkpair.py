@@ -1,0 +1,312 @@
+"""The "nk16" weight layout and its pair decoder: p = 1 codes read as (columns, units) tiles of
+uint16 and decoded two weights per PTX block straight into the tensor-core operand registers.
+
+Glossary: cb = code bits (2 or 4), unit = 32 consecutive codes of one column, plane c = the c-th
+code of every unit (c < 32), pair word = the 32 bits of two uint16 entries of adjacent units
+(2i, 2i + 1) of one column and one row, F = 16 / cb planes per row, R = 2 cb rows.
+
+Why this layout. On the "dot" path Triton keeps a decoded plane in the MMA's registers only when
+the chain load -> single-operand elementwise ops -> dot has no layout change in between (Triton's
+HoistLayoutConversion / MMAV3HoistLayoutConversion; docs/KERNELS.md sessions 9-10). The
+warpgroup MMA of Hopper takes only its *first* operand from registers, so the decoded weights
+must be that operand: a (BN, BKU) tile, columns x units. With the kernel layout of `repack`
+(U, cb, N) such a tile needs a transpose after the load, which stops the hoisting; here the
+words are stored columns-major, ``words[r, n, u]``, so the tile is a plain load. (Checked
+offline with Triton 3.6 for sm_90: ``HGMMA.64xMx16`` with the decoded weights in registers.)
+
+Layout: ``words: uint16[R, N, U]`` (U even). Row r holds planes ``r F .. r F + F - 1``. The pair
+word ``P = words[r, n, 2i] | words[r, n, 2i + 1] << 16`` holds those planes' codes of units A = 2i
+and B = 2i + 1 in the bit positions below, chosen so that one shift (or rotate) per plane puts
+both codes where the byte permutes want them:
+
+- cb = 2, plane f: shift s_f = 2 f (f < 4) or 16 + 2 (f - 4); after ``t = P >> s_f`` code A is
+  bits 0-1 and code B bits 8-9. Decode: ``m = t & 0x0303``; ``sel = m * 0x11 + 0x4040`` (selector
+  nibbles A, A + 4, B, B + 4); ``out = prmt(LO, HI, sel)`` with the four low bytes and the four
+  high bytes of the 16-bit grid values as the two table registers: (lo_A, hi_A, lo_B, hi_B) are
+  the two values. Three integer-pipe ops and one multiply-add per two weights.
+- cb = 4 (16-point grids in sign/magnitude order, `regtab.grid_order` "signmag"): each code is a
+  magnitude index (3 bits) and a sign (1 = negative here). Plane f rotates P right by s_f (`PLAN4`);
+  afterwards A's magnitude is nibble a_f (bits 0-2 of it), B's nibble b_f, A's sign bit 15 and B's
+  sign bit 31, i.e. already the sign bits of the two 16-bit results. Decode: mask the two
+  nibbles, look the high and low bytes up (two prmt over 8-entry tables), interleave them with a
+  third prmt and OR in ``t & 0x80008000``. Six ops per two weights (five for the unrotated plane);
+  the session-10 decoder of the (U, cb, N) layout took 9-10.
+
+Values are the grid rounded to the activation dtype (bf16 or f16, nearest even), so `emulate`
+(interpret mode, the same op list run by jax.numpy) reproduces the GPU bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+
+from pallas_kernels.higgs_matmul import regtab as _regtab
+
+CODE_BITS = (2, 4)
+DTYPES = ("bfloat16", "float16")
+LAYOUT = "nk16"
+
+#: cb = 4: per plane f of a row, (rotation s_f, nibble a_f of code A, nibble b_f of code B). Any
+#: plan works if the eight magnitude nibbles and the eight sign bits it implies are distinct
+#: (`_check_plan4`); this one was found by exhaustive search.
+PLAN4 = ((0, 0, 1), (4, 1, 2), (12, 1, 2), (24, 0, 1))
+#: cb = 2: per plane f, the right shift that brings its two codes to bits 0-1 and 8-9.
+SHIFTS2 = (0, 2, 4, 6, 16, 18, 20, 22)
+
+
+def planes_per_row(cb: int) -> int:
+    if cb not in CODE_BITS:
+        raise ValueError(f"the nk16 layout holds 2- and 4-bit codes, got {cb}-bit codes")
+    return 16 // cb
+
+
+def _positions(cb: int, f: int) -> tuple[list[int], list[int], int | None, int | None]:
+    """Bit positions in the pair word P of plane f's code A and code B (low bit first; 4-bit: the
+    3 magnitude bits) and of their sign bits (4-bit only; None for cb = 2)."""
+    if cb == 2:
+        s = SHIFTS2[f]
+        return [s, s + 1], [s + 8, s + 9], None, None
+    s, a, b = PLAN4[f]
+    mag = lambda nib: [(4 * nib + i + s) % 32 for i in range(3)]
+    return mag(a), mag(b), (15 + s) % 32, (31 + s) % 32
+
+
+def _check_plan4() -> None:
+    used: list[int] = []
+    for f in range(4):
+        pa, pb, sa, sb = _positions(4, f)
+        used += pa + pb + [sa, sb]
+    if sorted(used) != list(range(32)):  # pragma: no cover - a broken constant
+        raise AssertionError(f"PLAN4 does not tile the 32 bits: {sorted(used)}")
+
+
+_check_plan4()
+
+
+# ------------------------------------------------------------------------------------ packing
+def pack_pair_words(codes, cb: int):
+    """Integer codes (32 U, N), U even, in the grid order of the weight (4-bit: sign/magnitude)
+    -> ``uint16[2 cb, N, U]`` in the nk16 layout (jax.numpy; run once at load time)."""
+    import jax.numpy as jnp
+
+    F = planes_per_row(cb)
+    kc, ncols = codes.shape
+    if kc % 64:
+        raise ValueError(f"nk16 packs whole unit pairs: codes need 64 k rows, got {kc}")
+    units = kc // 32
+    c = codes.astype(jnp.uint32).reshape(units // 2, 2, 32, ncols)  # (pair, A/B, plane, col)
+    rows = []
+    for r in range(2 * cb):
+        word = jnp.zeros((units // 2, ncols), jnp.uint32)
+        for f in range(F):
+            plane = r * F + f
+            pa, pb, sa, sb = _positions(cb, f)
+            for pos, sign, code in ((pa, sa, c[:, 0, plane]), (pb, sb, c[:, 1, plane])):
+                if cb == 4:
+                    mag, neg = code & 7, 1 - (code >> 3)  # sign/magnitude: code < 8 negative
+                    bits = [(mag >> i) & 1 for i in range(3)] + [neg]
+                    places = pos + [sign]
+                else:
+                    bits = [code & 1, (code >> 1) & 1]
+                    places = pos
+                for bit, place in zip(bits, places):
+                    word = word | (bit.astype(jnp.uint32) << np.uint32(place))
+        lo = (word & 0xFFFF).astype(jnp.uint16)
+        hi = (word >> 16).astype(jnp.uint16)
+        rows.append(jnp.stack([lo, hi], axis=1).reshape(units, ncols).T)  # (N, U)
+    return jnp.stack(rows)
+
+
+def unpack_pair_words(words, cb: int):
+    """Inverse of `pack_pair_words`: ``uint16[2 cb, N, U]`` -> int32 codes (32 U, N)."""
+    import jax.numpy as jnp
+
+    F = planes_per_row(cb)
+    R, ncols, units = words.shape
+    w = words.astype(jnp.uint32)
+    pair = w[:, :, 0::2] | (w[:, :, 1::2] << 16)  # (R, N, U/2)
+    out = jnp.zeros((units // 2, 2, 32, ncols), jnp.uint32)
+    for r in range(R):
+        for f in range(F):
+            pa, pb, sa, sb = _positions(cb, f)
+            for ab, pos, sign in ((0, pa, sa), (1, pb, sb)):
+                v = sum(((pair[r] >> np.uint32(p)) & 1) << i for i, p in enumerate(pos))
+                if cb == 4:
+                    neg = (pair[r] >> np.uint32(sign)) & 1
+                    v = v | ((1 - neg) << 3)
+                out = out.at[:, ab, r * F + f, :].set(v.T)
+    return out.reshape(units * 32, ncols).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------ decoding
+class Op(NamedTuple):
+    """``dst = op(srcs)`` on 32 bits; a src is a register name ("P": the pair word) or an int."""
+
+    op: str  # "rotr" | "shr" | "and" | "or" | "mad" | "prmt"
+    dst: str
+    srcs: tuple
+
+
+def _bits16(values, dtype: str) -> np.ndarray:
+    import jax.numpy as jnp
+
+    if dtype not in DTYPES:
+        raise ValueError(f"nk16 decoding produces one of {DTYPES}, got {dtype!r}")
+    arr = np.asarray(values, np.float32).astype(getattr(jnp, dtype))
+    return arr.view(np.uint16).astype(np.uint32)
+
+
+def check(grid_values, cb: int) -> None:
+    """Raises ValueError unless the nk16 decoder handles this grid and code width."""
+    planes_per_row(cb)
+    g = _regtab._grid_1d(grid_values)
+    if g.size != 1 << cb:
+        raise ValueError(f"nk16: a {cb}-bit code needs {1 << cb} grid points, got {g.size}")
+    if cb == 4 and _regtab.grid_order(grid_values) != "signmag":
+        raise ValueError(
+            "nk16 needs a 16-point grid in sign/magnitude order (g[8 + i] = -g[i] > 0), got "
+            f"order {_regtab.grid_order(grid_values)!r}"
+        )
+
+
+def table_values(grid_values, cb: int, dtype: str) -> np.ndarray:
+    """(2^cb,) uint32: the 16-bit pattern each code decodes to."""
+    check(grid_values, cb)
+    g = _regtab._grid_1d(grid_values)
+    if cb == 2:
+        return _bits16(g, dtype)
+    low = _bits16(-g[:8], dtype)  # magnitudes (positive); codes < 8 are their negatives
+    return np.concatenate([low | np.uint32(0x8000), low])
+
+
+@functools.lru_cache(maxsize=256)
+def _program_cached(key: tuple[float, ...], cb: int, f: int, dtype: str) -> tuple[Op, ...]:
+    g = np.asarray(key, np.float64)
+    ops: list[Op] = []
+    emit = lambda op, dst, *srcs: ops.append(Op(op, dst, srcs))
+    pack = _regtab._pack_bytes
+    if cb == 2:
+        bits = _bits16(g, dtype)
+        lo, hi = pack([b & 0xFF for b in bits]), pack([b >> 8 for b in bits])
+        src = "P"
+        if SHIFTS2[f]:
+            emit("shr", "t", "P", SHIFTS2[f])
+            src = "t"
+        emit("and", "m", src, 0x0303)
+        emit("mad", "m", "m", 0x11, 0x4040)  # selector nibbles (A, A + 4, B, B + 4)
+        emit("prmt", "out", lo, hi, "m")
+        return tuple(ops)
+    mags = _bits16(-g[:8], dtype)  # sign/magnitude order: g[i] = -(i-th magnitude), i < 8
+    lo, hi = [int(b) & 0xFF for b in mags], [int(b) >> 8 for b in mags]
+    s, a, b = PLAN4[f]
+    src = "P"
+    if s:
+        emit("rotr", "t", "P", s)
+        src = "t"
+    emit("and", "m", src, (7 << 4 * a) | (7 << 4 * b))
+    emit("prmt", "h", pack(hi[:4]), pack(hi[4:]), "m")
+    emit("prmt", "l", pack(lo[:4]), pack(lo[4:]), "m")
+    emit("prmt", "v", "l", "h", a | (4 + a) << 4 | b << 8 | (4 + b) << 12)
+    emit("and", "sg", src, 0x80008000)
+    emit("or", "out", "v", "sg")  # ptxas fuses this and the and above into one LOP3
+    return tuple(ops)
+
+
+def program(grid_values, cb: int, field: int, dtype: str = "bfloat16") -> tuple[Op, ...]:
+    """The op list decoding plane ``field`` of a pair word into two 16-bit values (``out``)."""
+    check(grid_values, cb)
+    if not 0 <= field < planes_per_row(cb):
+        raise ValueError(
+            f"field must be in [0, {planes_per_row(cb)}) for {cb}-bit codes, got {field}"
+        )
+    if dtype not in DTYPES:
+        raise ValueError(f"nk16 decoding produces one of {DTYPES}, got {dtype!r}")
+    key = tuple(float(v) for v in _regtab._grid_1d(grid_values))
+    return _program_cached(key, cb, field, dtype)
+
+
+def ptx(grid_values, cb: int, field: int, dtype: str = "bfloat16") -> str:
+    """Unary inline PTX: ``$1`` = the pair word (two uint16 of adjacent units), ``$0`` = two
+    16-bit values, unit A's in the low half."""
+    ops = program(grid_values, cb, field, dtype)
+    regs = sorted({op.dst for op in ops} - {"out"})
+
+    def src(v):
+        if isinstance(v, str):
+            return "$1" if v == "P" else f"r_{v}"
+        return f"{v & 0xFFFFFFFF:#x}"
+
+    lines = []
+    for op in ops:
+        d = "$0" if op.dst == "out" else f"r_{op.dst}"
+        a = [src(v) for v in op.srcs]
+        if op.op == "rotr":
+            lines.append(f"shf.r.wrap.b32 {d}, {a[0]}, {a[0]}, {op.srcs[1]};")
+        elif op.op == "shr":
+            lines.append(f"shr.b32 {d}, {a[0]}, {op.srcs[1]};")
+        elif op.op in ("and", "or"):
+            lines.append(f"{op.op}.b32 {d}, {a[0]}, {a[1]};")
+        elif op.op == "mad":
+            lines.append(f"mad.lo.u32 {d}, {a[0]}, {a[1]}, {a[2]};")
+        elif op.op == "prmt":
+            lines.append(f"prmt.b32 {d}, {a[0]}, {a[1]}, {a[2]};")
+        else:  # pragma: no cover - programs are built above
+            raise ValueError(f"unknown op {op.op!r}")
+    return "{ .reg .b32 " + ", ".join(f"r_{r}" for r in regs) + "; " + " ".join(lines) + " }"
+
+
+def emulate_pairs(pair, grid_values, cb: int, field: int, dtype: str = "bfloat16"):
+    """Runs the op list with jax.numpy on uint32 pair words -> uint32 (two 16-bit values each)."""
+    import jax.numpy as jnp
+
+    env = {"P": jnp.asarray(pair, jnp.uint32)}
+    val = lambda v: env[v] if isinstance(v, str) else np.uint32(v & 0xFFFFFFFF)
+    for op in program(grid_values, cb, field, dtype):
+        a = [val(v) for v in op.srcs]
+        if op.op == "rotr":
+            k = np.uint32(op.srcs[1])
+            r = (a[0] >> k) | (a[0] << np.uint32(32 - op.srcs[1]))
+        elif op.op == "shr":
+            r = a[0] >> np.uint32(op.srcs[1])
+        elif op.op == "and":
+            r = a[0] & a[1]
+        elif op.op == "or":
+            r = a[0] | a[1]
+        elif op.op == "mad":
+            r = a[0] * a[1] + a[2]
+        elif op.op == "prmt":
+            r = _regtab._prmt(a[0], a[1], a[2])
+        else:  # pragma: no cover
+            raise ValueError(f"unknown op {op.op!r}")
+        env[op.dst] = jnp.asarray(r, jnp.uint32)
+    return env["out"]
+
+
+def emulate(tile, grid_values, cb: int, field: int, dtype: str = "bfloat16"):
+    """Interpret-mode twin of the GPU decode: a (BN, BKU) uint16 tile of one row -> (BN, BKU)
+    values of plane ``field`` in ``dtype``; columns 2i and 2i + 1 form the pair words."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    t = tile.astype(jnp.uint32)
+    bn, bku = tile.shape
+    pair = t[:, 0::2] | (t[:, 1::2] << np.uint32(16))
+    out = emulate_pairs(pair, grid_values, cb, field, dtype)  # (BN, BKU / 2)
+    halves = jnp.stack([out & np.uint32(0xFFFF), out >> np.uint32(16)], axis=-1)
+    return lax.bitcast_convert_type(halves.reshape(bn, bku).astype(jnp.uint16), getattr(jnp, dtype))
+
+
+def decode(tile, grid_values, cb: int, field: int, dtype, *, interpret: bool):
+    """Kernel-side entry: (BN, BKU) uint16 tile -> (BN, BKU) plane ``field`` in ``dtype``
+    (one unary pack-2 PTX block per two weights on the GPU; `emulate` in interpret mode)."""
+    import jax.numpy as jnp
+
+    name = jnp.dtype(dtype).name
+    if interpret:
+        return emulate(tile, grid_values, cb, field, name)
+    from pallas_kernels import _compat
+
+    return _compat.unary_pair_asm(tile, ptx(grid_values, cb, field, name), dtype)

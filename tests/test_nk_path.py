@@ -1,0 +1,283 @@
+"""The nk16 weight layout (`nkpair.py`) and the kernel's "nk" path (`kernel_nk.py`): packing,
+the pair decoder's PTX against its emulation, the full op against the f32 reference in interpret
+mode (CPU) and on the GPU (marker ``gpu``), exact dequantisation, the Triton IR, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_pallas_higgs_matmul import _on_gpu, _with_grid, make_weight, rel_err, signmag_weight
+
+from pallas_kernels.higgs_matmul import Config, higgs_matmul_pallas, nkpair
+from pallas_kernels.higgs_matmul.config import nk_config
+from pallas_kernels.higgs_matmul.reference import decode_rotated, higgs_matmul_reference
+from pallas_kernels.higgs_matmul.repack import kernel_codes, to_nk16, unpack_kernel_words
+
+
+def _nk_weight(k, n_cols, n, *, g=512, seed=0, h=1):
+    return to_nk16(signmag_weight(make_weight(k, n_cols, 1, n, g=g, seed=seed, h=h)))
+
+
+def _cfg(**kw) -> Config:
+    base = {
+        "block_n": 64,
+        "block_k": 512,
+        "split_k": 2,
+        "path": "nk",
+        "block_m": 16,
+        "num_warps": 4,
+    }
+    base.update(kw)
+    return Config(**base)
+
+
+# -- layout -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cb", [2, 4])
+def test_pack_pair_words_round_trip_and_shape(cb):
+    rng = np.random.default_rng(cb)
+    codes = jnp.asarray(rng.integers(0, 1 << cb, size=(32 * 6, 10)), jnp.int32)
+    words = nkpair.pack_pair_words(codes, cb)
+    assert words.shape == (2 * cb, 10, 6) and words.dtype == jnp.uint16
+    np.testing.assert_array_equal(np.asarray(nkpair.unpack_pair_words(words, cb)), codes)
+    # every bit of a pair word carries information: 16 random bits per uint16 on average
+    assert 0.4 < float(np.unpackbits(np.asarray(words).view(np.uint8)).mean()) < 0.6
+
+
+def test_plan4_tiles_the_pair_word():
+    """The 4-bit plan puts 4 planes x 2 codes x (3 magnitude bits + 1 sign) on distinct bits, and
+    each plane's rotation brings its signs to the 16-bit results' sign bits (15 and 31)."""
+    seen = []
+    for f, (s, a, b) in enumerate(nkpair.PLAN4):
+        pa, pb, sa, sb = nkpair._positions(4, f)
+        assert ((sa - s) % 32, (sb - s) % 32) == (15, 31)
+        assert [(q - s) % 32 for q in pa] == [4 * a, 4 * a + 1, 4 * a + 2]
+        seen += pa + pb + [sa, sb]
+    assert sorted(seen) == list(range(32))
+
+
+def test_to_nk16_keeps_the_codes_and_pads_to_unit_pairs():
+    w = signmag_weight(make_weight(32 * 5 + 7, 24, 1, 16, g=64))  # 6 units: even
+    w3 = signmag_weight(make_weight(32 * 3, 24, 1, 4, g=32))  # 3 units: padded to 4
+    for kw in (w, w3):
+        nk = to_nk16(kw)
+        assert nk.layout == "nk16" and nk.units == kw.units + kw.units % 2
+        codes = np.asarray(kernel_codes(nk))
+        np.testing.assert_array_equal(
+            codes[: 32 * kw.units], np.asarray(unpack_kernel_words(kw.words, kw.code_bits))
+        )
+        assert not codes[32 * kw.units :].any()
+        assert nk.nbytes == nk.words.size * 2 + nk.scales.size * nk.scales.dtype.itemsize
+        assert to_nk16(nk) is nk
+    np.testing.assert_array_equal(
+        np.asarray(decode_rotated(to_nk16(w))), np.asarray(decode_rotated(w))
+    )
+
+
+# -- decoder ----------------------------------------------------------------------------------
+def _run_ptx(text: str, word: int) -> int:
+    """Interpreter of the PTX subset `nkpair.ptx` emits (prmt default mode, shr, funnel-shift
+    rotate, and/or, mad.lo on 32 bits), to check the asm text without a GPU."""
+    regs = {"$1": word}
+    val = lambda t: int(t, 0) if t[0].isdigit() else regs[t]
+
+    def prmt(x, y, c):
+        src = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+        out = 0
+        for k in range(4):
+            nib = (c >> (4 * k)) & 0xF
+            byte = src[nib & 7]
+            if nib & 8:
+                byte = 0xFF if byte & 0x80 else 0
+            out |= byte << (8 * k)
+        return out
+
+    ops = {
+        "prmt.b32": prmt,
+        "shr.b32": lambda x, s: x >> s,
+        "shf.r.wrap.b32": lambda lo, hi, s: (((hi << 32) | lo) >> (s & 31)) & 0xFFFFFFFF,
+        "and.b32": lambda x, y: x & y,
+        "or.b32": lambda x, y: x | y,
+        "mad.lo.u32": lambda x, y, z: x * y + z,
+    }
+    body = text.strip("{} ")
+    for ins in body.split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, args = ins.split(None, 1)
+        dst, *srcs = [t.strip() for t in args.split(",")]
+        regs[dst] = ops[op](*[val(t) for t in srcs]) & 0xFFFFFFFF
+    return regs["$0"]
+
+
+@pytest.mark.parametrize("n", [4, 16])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_nkpair_ptx_matches_emulation_and_grid(n, dtype):
+    """Every plane's PTX gives, for random pair words, the bits `emulate_pairs` gives, and those
+    are the grid values (rounded to the dtype) of the codes `pack_pair_words` stored."""
+    w = signmag_weight(make_weight(64, 8, 1, n))
+    cb = w.code_bits
+    rng = np.random.default_rng(n)
+    codes = rng.integers(0, n, size=(64, 32))  # 2 units x 32 columns
+    words = np.asarray(nkpair.pack_pair_words(jnp.asarray(codes), cb))  # (R, 32, 2)
+    vals = nkpair.table_values(w.grid_values, cb, dtype)
+    F = nkpair.planes_per_row(cb)
+    for r in range(2 * cb):
+        pair = words[r, :, 0].astype(np.uint32) | (words[r, :, 1].astype(np.uint32) << 16)
+        for f in range(F):
+            text = nkpair.ptx(w.grid_values, cb, f, dtype)
+            want = np.asarray(nkpair.emulate_pairs(jnp.asarray(pair), w.grid_values, cb, f, dtype))
+            got = np.asarray([_run_ptx(text, int(p)) for p in pair], np.uint32)
+            np.testing.assert_array_equal(got, want)
+            c = r * F + f  # plane: codes of units 0 and 1
+            np.testing.assert_array_equal(want & 0xFFFF, vals[codes[c]])
+            np.testing.assert_array_equal(want >> 16, vals[codes[32 + c]])
+    g = np.asarray(w.grid_values, np.float32)[:, 0]
+    got = vals.astype(np.uint16).view(getattr(jnp, dtype)).astype(np.float32)
+    np.testing.assert_allclose(got, g, rtol=2**-8 if dtype == "bfloat16" else 2**-11)
+
+
+def test_nkpair_op_counts():
+    """The decode costs: 2-bit 3-4 ops per two weights (one is a multiply-add), 4-bit 5-7."""
+    w2 = make_weight(64, 8, 1, 4)
+    w4 = signmag_weight(make_weight(64, 8, 1, 16))
+    n2 = [len(nkpair.program(w2.grid_values, 2, f)) for f in range(8)]
+    n4 = [len(nkpair.program(w4.grid_values, 4, f)) for f in range(4)]
+    assert n2 == [3] + [4] * 7 and n4 == [6, 7, 7, 7], (n2, n4)
+
+
+# -- the op -------------------------------------------------------------------------------------
+NK_CASES = [  # (n, m, k, n_cols, block_m, mma_m, dtype, h)
+    (4, 1, 32 * 16 * 2 + 9, 40, 16, 0, jnp.bfloat16, 1),
+    (16, 5, 32 * 16 * 3, 40, 16, 0, jnp.float16, 1),
+    (16, 40, 1024, 128, 64, 16, jnp.bfloat16, 64),
+    (4, 70, 1000, 72, 64, 32, jnp.float16, 1),
+    (16, 16, 2048, 64, 16, 0, jnp.bfloat16, 512),
+]
+
+
+@pytest.mark.parametrize("n,m,k,n_cols,block_m,mma_m,dtype,h", NK_CASES)
+def test_nk_matches_reference(n, m, k, n_cols, block_m, mma_m, dtype, h):
+    """The "nk" path (odd K, padded and masked rows / columns, sub-dots, bf16 and f16, Hadamard
+    rotations) against the f32 reference on the original weight and the plane kernel's dot path."""
+    w = signmag_weight(make_weight(k, n_cols, 1, n, g=512, seed=m, h=h))
+    nk = to_nk16(w)
+    x = jnp.asarray(np.random.default_rng(m).normal(size=(m, k)), dtype)
+    cfg = _cfg(block_m=block_m, mma_m=mma_m)
+    y = higgs_matmul_pallas(x, nk, config=cfg, interpret=not _on_gpu())
+    r = higgs_matmul_reference(x.astype(jnp.float32), w)
+    assert y.shape == (m, n_cols) and y.dtype == x.dtype
+    assert rel_err(y, r) < 1e-2, rel_err(y, r)
+    y0 = higgs_matmul_pallas(
+        x, w, config=dataclasses.replace(cfg, path="dot", mma_m=0), interpret=not _on_gpu()
+    )
+    assert rel_err(y, y0) < 5e-3, rel_err(y, y0)
+    # the default config of an nk16 weight is the nk path
+    yd = higgs_matmul_pallas(x, nk, interpret=not _on_gpu())
+    assert rel_err(yd, r) < 1e-2, rel_err(yd, r)
+
+
+@pytest.mark.parametrize("n", [4, 16])
+def test_nk_identity_is_exact(n):
+    """x = I returns every weight exactly: its 16-bit table value times the scale."""
+    w = signmag_weight(make_weight(1024, 64, 1, n, g=512, seed=6))
+    vals = nkpair.table_values(w.grid_values, w.code_bits, "bfloat16").astype(np.uint16)
+    w_eff = _with_grid(w, vals.view(jnp.bfloat16).astype(np.float32))
+    nk = to_nk16(w)
+    x = jnp.eye(w.K, dtype=jnp.bfloat16)
+    cfg = _cfg(split_k=1, block_m=64)
+    got = jnp.concatenate(
+        [
+            higgs_matmul_pallas(x[i : i + 256], nk, config=cfg, interpret=not _on_gpu())
+            for i in range(0, w.K, 256)
+        ]
+    )
+    np.testing.assert_array_equal(
+        np.asarray(got), np.asarray(decode_rotated(w_eff).astype(jnp.bfloat16))
+    )
+
+
+def test_nk_lowers_to_unary_asm_on_uint16_tiles():
+    """The Triton IR holds one single-operand asm per plane on a (BN, BKU) int16 tile (two values
+    per register) feeding the dots, with no transpose or float truncation between them: the chain
+    Triton hoists the first MMA operand's layout through (docs/KERNELS.md, session 11)."""
+    import re
+
+    from benchmarks.sass_count import capture_ttir
+
+    nk = _nk_weight(1024, 128, 16)
+    x = jnp.zeros((16, 1024), jnp.bfloat16)
+    ir = capture_ttir(x, nk, _cfg(block_n=128, split_k=1))
+    asm = re.findall(
+        r"tt\.elementwise_inline_asm .*\{constraints = \"([^\"]*)\", packed_element = (\d+).* : "
+        r"(tensor<[^>]*>) -> (tensor<[^>]*>)",
+        ir,
+    )
+    assert len(asm) == 32, len(asm)
+    assert set(asm) == {("=r,r", "2", "tensor<128x16xi16>", "tensor<128x16xbf16>")}
+    loop = ir[ir.index("scf.for") : ir.index("scf.yield")]
+    assert "arith.truncf" not in loop
+    # the only transposes in the loop are of the activations (second dot operand)
+    for t in re.findall(r"tt\.trans %\S+ .*: (tensor<[^>]*>)", loop):
+        assert t.endswith("xbf16>") and t.startswith("tensor<16x16"), t
+
+
+def test_nk_config_defaults():
+    c1, c64 = nk_config(1, 8192, 28672), nk_config(64, 4096, 4096)
+    assert (c1.path, c1.block_m, c1.block_k, c1.num_stages) == ("nk", 16, 512, 2)
+    assert c64.block_m == 64 and c64.split_k >= 1
+    # the grid reaches the program target where K allows it
+    assert (28672 // c1.block_n) * c1.split_k >= 528
+
+
+def test_nk_bad_input():
+    nk = _nk_weight(1024, 16, 16)
+    kn = signmag_weight(make_weight(1024, 16, 1, 16, g=512))
+    x = jnp.zeros((16, 1024), jnp.bfloat16)
+    with pytest.raises(
+        ValueError, match="path='nk' reads the nk16 weight layout, but this weight is in the 'kn'"
+    ):
+        higgs_matmul_pallas(x, kn, config=_cfg(), interpret=True)
+    with pytest.raises(
+        ValueError, match="path='dot' reads the kn weight layout, but this weight is in the 'nk16'"
+    ):
+        higgs_matmul_pallas(x, nk, config=_cfg(path="dot"), interpret=True)
+    with pytest.raises(ValueError, match="group size 64 must be a multiple of block_k=512"):
+        higgs_matmul_pallas(x, _nk_weight(1024, 16, 4, g=64), config=_cfg(), interpret=True)
+    with pytest.raises(ValueError, match="path='nk' needs block_k / \\(32 p\\) >= 16"):
+        higgs_matmul_pallas(x, nk, config=_cfg(block_k=256), interpret=True)
+    with pytest.raises(ValueError, match="holds p = 1 codes, got p=2"):
+        to_nk16(make_weight(1024, 16, 2, 16))
+    with pytest.raises(ValueError, match="holds 2- and 4-bit codes, got 3-bit"):
+        to_nk16(make_weight(1024, 16, 1, 8))
+    with pytest.raises(ValueError, match="sign/magnitude order .* got order 'sorted'"):
+        nkpair.check(make_weight(64, 8, 1, 16).grid_values, 4)
+    with pytest.raises(ValueError, match="field must be in \\[0, 4\\) for 4-bit codes, got 4"):
+        nkpair.ptx(nk.grid_values, 4, 4)
+    with pytest.raises(
+        ValueError, match="produces one of \\('bfloat16', 'float16'\\), got 'float32'"
+    ):
+        nkpair.ptx(nk.grid_values, 4, 0, "float32")
+    with pytest.raises(ValueError, match="whole unit pairs: codes need 64 k rows, got 96"):
+        nkpair.pack_pair_words(jnp.zeros((96, 4), jnp.int32), 2)
+
+
+# -- on the GPU -------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not _on_gpu(), reason="needs an NVIDIA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("n", [4, 16])
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 100])
+def test_gpu_nk_default_config(n, m):
+    """Default nk configs on the GPU (warpgroup MMA from registers) against the reference."""
+    w = signmag_weight(make_weight(4096, 512, 1, n, g=512, seed=m))
+    x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
+    y = higgs_matmul_pallas(x, to_nk16(w))
+    r = higgs_matmul_reference(x.astype(jnp.float32), w)
+    assert rel_err(y, r) < 1e-2, rel_err(y, r)
