@@ -1258,6 +1258,34 @@ def test_default_config_session9_choices():
     }
 
 
+def test_default_config_session11_regpair():
+    """Session-11 default: 16-row blocks of 2-bit codes, and of 4-bit codes with >= 2 loop steps,
+    use the pair decoder ("regpair", "xw"); the wrapper falls back to "auto" for weights it does
+    not take (sorted 16-point grid, scale groups smaller than a tile), and the result is right."""
+    from pallas_kernels.higgs_matmul.wrapper import _default_for
+
+    big, one = (8192, 28672), (4096, 14336)
+    c = default_config(16, *big, 1, 4.0)
+    assert (c.decode, c.dot_order) == ("regpair", "xw")
+    assert default_config(8, *big, 1, 2.0).decode == "regpair"
+    assert (default_config(16, *one, 1, 4.0).decode, default_config(16, *one, 1, 4.0).dot_order) == (
+        "auto",
+        "wx",
+    )
+    assert default_config(16, *one, 1, 2.0).decode == "regpair"
+    for m, bits in ((64, 4.0), (16, 3.0), (1, 4.0), (4, 2.0)):
+        assert default_config(m, *big, 1, bits).decode == "auto", (m, bits)
+    assert default_config(16, *big, 2, 4.0).decode == "auto"
+    assert any(c.decode == "auto" for c in candidate_configs(16, *big, 1, 4.0))
+    assert _default_for(make_weight(1024, 64, 1, 16, g=512), 16).decode == "auto"  # sorted grid
+    assert _default_for(make_weight(1024, 64, 1, 4, g=64), 16).decode == "auto"  # small groups
+    w = make_weight(1024, 64, 1, 4, g=512)
+    assert _default_for(w, 16).decode == "regpair"
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 1024)), jnp.bfloat16)
+    y = higgs_matmul_pallas(x, w, interpret=not _on_gpu())
+    assert rel_err(y, higgs_matmul_reference(x.astype(jnp.float32), w)) < 1e-2
+
+
 # -- config and bad input --------------------------------------------------------------------
 @pytest.mark.parametrize("m", [1, 4, 5, 8, 16, 64, 256])
 def test_default_config_valid(m):

@@ -114,9 +114,10 @@ def test_variants_override_the_default_config(tmp_path):
     cands = tile_sweep.variant_candidates(16, 8192, 28672, 1, 16, ["tile_scale=false", "default"])
     assert len(cands) == 2 and cands[0].tile_scale and not cands[1].tile_scale
     assert cands[1].block_k == cands[0].block_k  # everything else is the default's
+    # (the 16-row default decodes 2-bit codes with "regpair", which needs tile_scale)
     tile_sweep.main(
         ["--out", str(tmp_path), "--smoke", "--grids", "p1_2b", "--m", "16", "--variants",
-         "tile_scale=false"]
+         "tile_scale=false,decode=auto"]
     )
     rows = json.loads((tmp_path / "tile_sweep.json").read_text())["rows"]
     assert [r["tile_scale"] for r in rows] == [True, False]

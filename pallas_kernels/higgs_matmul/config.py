@@ -224,7 +224,9 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
     # 2-bit codes: twice the programs (measured: split 8 vs 4 at 8192x28672, M=1: 62 vs 69 us).
     target = TARGET_PROGRAMS * (2 if code_bits == 2 and path != "dot" else 1)
     split = split_k_for(steps_total, n_blocks, target)
-    shape = _dot_shape(p, block_m, m, -(-steps_total // split)) if path == "dot" else {}
+    shape = (
+        _dot_shape(p, block_m, m, -(-steps_total // split), code_bits) if path == "dot" else {}
+    )
     return Config(
         block_n=block_n,
         block_k=bku * 32 * p,
@@ -238,8 +240,7 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
         else 2,
         path=path,
         block_m=block_m,
-        decode="auto",
-        **shape,
+        **({"decode": "auto"} | shape),
     )
 
 
@@ -267,7 +268,7 @@ def nk_config(m: int, k: int, n: int) -> Config:
     )
 
 
-def _dot_shape(p: int, block_m: int, m: int, steps: int) -> dict:
+def _dot_shape(p: int, block_m: int, m: int, steps: int, code_bits: int = 0) -> dict:
     """Operand order and rows per dot of the p = 1 dot path; ``steps``: loop steps per program.
 
     Measured on an H100 (session 9, full op, p = 1 at 2/3/4 bits, `benchmarks/results/s9/`; one
@@ -282,9 +283,19 @@ def _dot_shape(p: int, block_m: int, m: int, steps: int) -> dict:
       64-row warpgroup dot: faster with 4 steps (8192x28672: 274 -> 201, 245 -> 214,
       221 -> 184 us), even with 2 (14336x4096, A/B 76.2 vs 75.5), slower with 1 (4096x14336 A/B
       70.5 -> 108.0; 4096x4096 +3-18%). So from 3 steps on.
-    M > 64 keeps one 64-row dot (not measured)."""
+    M > 64 keeps one 64-row dot (not measured).
+
+    Since session 11, 16-row blocks of 2- and 4-bit codes decode with the pair decoder
+    (``decode="regpair"``, "xw": the decoded planes stay in the MMA's registers), where it was
+    faster in two runs (sessions 10 and 11, full op, us, default -> regpair): 2-bit 8192x28672
+    96.8 -> 81.0 and 98.8 -> 83.1, 4096x14336 (one step) 42.9 -> 32.1 and 43.7 -> 33.0, 14336x4096
+    41.5 -> 36.2; 4-bit 8192x28672 118.1 -> 106.6 and 114.9 -> 102.3, 14336x4096 47.8 -> 44.5.
+    4-bit with one step keeps "wx" (4096x14336: 38.6 -> 44.3 and 39.5 -> 41.4 with regpair). The
+    wrapper falls back to "auto" where regpair does not apply (`wrapper._default_for`)."""
     if p != 1:
         return {}
+    if block_m == 16 and (code_bits == 2 or (code_bits == 4 and steps >= 2)):
+        return {"decode": "regpair", "dot_order": "xw"}
     if block_m == 16 and steps == 1:
         return {"dot_order": "wx"}
     if block_m == 64 and m <= 64 and steps >= 3:
@@ -352,8 +363,10 @@ def candidate_configs(m: int, k: int, n: int, p: int, bits: float) -> list[Confi
     if base.path == "dot":
         # Pipelining depth decided M = 16 on an H100 (session 8: 1.5-1.8x at 8192x28672).
         out.append(dataclasses.replace(base, num_stages=1 if base.num_stages > 1 else 2))
-        # Operand order and rows per dot (session 9).
+        # Operand order and rows per dot (session 9), decoder (session 11).
         out.append(dataclasses.replace(base, dot_order="xw" if base.dot_order == "wx" else "wx"))
+        if base.decode == "regpair":
+            out.append(dataclasses.replace(base, decode="auto"))
         if base.block_m > 16:
             for mm in (0, 16, 32):
                 if mm < base.block_m and mm != base.mma_m:
@@ -372,7 +385,7 @@ def candidate_configs(m: int, k: int, n: int, p: int, bits: float) -> list[Confi
                 num_warps=4,
                 num_stages=_dot_stages(p, 16),
                 fused_fma=False,
-                **_dot_shape(p, 16, m, dot_steps),
+                **_dot_shape(p, 16, m, dot_steps, round(bits * p)),
             )
         )
     if m > 1:

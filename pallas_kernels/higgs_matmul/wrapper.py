@@ -13,6 +13,7 @@ apply; the LUT matmul is the Pallas kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -346,6 +347,21 @@ def tile_scale_applies(kw: KernelPackedWeight, cfg: Config) -> bool:
     return cfg.path == "dot" and cfg.tile_scale and kw.group_size % cfg.block_k == 0
 
 
+def _default_for(kw: KernelPackedWeight, m: int) -> Config:
+    """`default_config` for this weight; its pair decoder ("regpair") only where it applies
+    (tiles inside one scale group, a grid `pairdec` takes), else the "auto" decoder."""
+    cfg = default_config(m, kw.K, kw.N, kw.p, kw.code_bits / kw.p)
+    if cfg.decode == "regpair":
+        try:
+            _pairdec.check(kw.grid_values, kw.code_bits)
+            ok = tile_scale_applies(kw, cfg)
+        except ValueError:
+            ok = False
+        if not ok:
+            cfg = dataclasses.replace(cfg, decode="auto")
+    return cfg
+
+
 def _check_layout(kw: KernelPackedWeight, cfg: Config) -> None:
     """The nk16 layout and the "nk" path go together; the path scales whole tiles."""
     nk = kw.layout == _nkpair.LAYOUT
@@ -526,7 +542,7 @@ def _higgs_matmul(x, w, bias, config, interpret):
     elif kw.layout == _nkpair.LAYOUT:
         cfg = nk_config(m, kw.K, kw.N)
     else:
-        cfg = default_config(m, kw.K, kw.N, kw.p, kw.code_bits / kw.p)
+        cfg = _default_for(kw, m)
     y = _launch(x2, kw, cfg, m, x.dtype, interpret)
     y = apply_outliers(kw, x2, y)
     if bias is not None:
