@@ -478,6 +478,12 @@ def _main(argv=None) -> int:
             )
             for (p, n), path in [(g, path) for g in GRIDS for path in paths]:
                 cfg = path_config(path, m, k, n_cols, p)
+                if path == "default" and p == 1:
+                    # the wrapper's default picks its decoder from the code width (session 11:
+                    # "regpair" for 16-row blocks of 2- and 4-bit codes), which bits = 0 hides
+                    real = default_config(m, k, n_cols, p, SUPPORTED[(p, n)] / p)
+                    if real.decode == "regpair":
+                        cfg = dataclasses.replace(cfg, decode="regpair", dot_order=real.dot_order)
                 if (p, n) in best_decode and path == "default":
                     # M=1 decoder sweep of the default kernels; the wide path keeps "auto"
                     cfg = dataclasses.replace(cfg, decode=best_decode[(p, n)])
