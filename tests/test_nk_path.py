@@ -10,7 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_pallas_higgs_matmul import _on_gpu, _with_grid, make_weight, rel_err, signmag_weight
+from test_pallas_higgs_matmul import (
+    _on_gpu,
+    _run_ptx,
+    _with_grid,
+    make_weight,
+    rel_err,
+    signmag_weight,
+)
 
 from pallas_kernels.higgs_matmul import Config, higgs_matmul_pallas, nkpair
 from pallas_kernels.higgs_matmul.config import nk_config
@@ -78,42 +85,6 @@ def test_to_nk16_keeps_the_codes_and_pads_to_unit_pairs():
 
 
 # -- decoder ----------------------------------------------------------------------------------
-def _run_ptx(text: str, word: int) -> int:
-    """Interpreter of the PTX subset `nkpair.ptx` emits (prmt default mode, shr, funnel-shift
-    rotate, and/or, mad.lo on 32 bits), to check the asm text without a GPU."""
-    regs = {"$1": word}
-    val = lambda t: int(t, 0) if t[0].isdigit() else regs[t]
-
-    def prmt(x, y, c):
-        src = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
-        out = 0
-        for k in range(4):
-            nib = (c >> (4 * k)) & 0xF
-            byte = src[nib & 7]
-            if nib & 8:
-                byte = 0xFF if byte & 0x80 else 0
-            out |= byte << (8 * k)
-        return out
-
-    ops = {
-        "prmt.b32": prmt,
-        "shr.b32": lambda x, s: x >> s,
-        "shf.r.wrap.b32": lambda lo, hi, s: (((hi << 32) | lo) >> (s & 31)) & 0xFFFFFFFF,
-        "and.b32": lambda x, y: x & y,
-        "or.b32": lambda x, y: x | y,
-        "mad.lo.u32": lambda x, y, z: x * y + z,
-    }
-    body = text.strip("{} ")
-    for ins in body.split(";"):
-        ins = ins.strip()
-        if not ins or ins.startswith(".reg"):
-            continue
-        op, args = ins.split(None, 1)
-        dst, *srcs = [t.strip() for t in args.split(",")]
-        regs[dst] = ops[op](*[val(t) for t in srcs]) & 0xFFFFFFFF
-    return regs["$0"]
-
-
 @pytest.mark.parametrize("n", [4, 16])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_nkpair_ptx_matches_emulation_and_grid(n, dtype):

@@ -571,10 +571,11 @@ def test_dot_path_order_and_mma_rows_identity():
 
 
 # -- pair decoding ("regpair"): planes straight to bf16/f16 in the MMA operand's registers -------
-def _run_ptx(text: str, a: int, b: int) -> int:
-    """A tiny interpreter of the PTX subset `pairdec.ptx` emits (prmt in its default mode,
-    shr/and/xor/mul.lo on 32 bits), to check the asm text without a GPU."""
-    regs = {"$1": a, "$2": b}
+def _run_ptx(text: str, a: int, b: int | None = None) -> int:
+    """A tiny interpreter of the PTX subset the pair decoders emit (`pairdec.ptx`, `nkpair.ptx`:
+    prmt in its default and sign modes, shr, funnel-shift rotate, and/or/xor, mul.lo/mad.lo on 32
+    bits; inputs ``$1`` and, if given, ``$2``), to check the asm text without a GPU."""
+    regs = {"$1": a} if b is None else {"$1": a, "$2": b}
 
     def val(t):
         return int(t, 0) if t[0].isdigit() else regs[t]
@@ -593,9 +594,12 @@ def _run_ptx(text: str, a: int, b: int) -> int:
     ops = {
         "prmt.b32": prmt,
         "shr.b32": lambda x, y: x >> y,
+        "shf.r.wrap.b32": lambda lo, hi, sh: (((hi << 32) | lo) >> (sh & 31)) & 0xFFFFFFFF,
         "and.b32": lambda x, y: x & y,
+        "or.b32": lambda x, y: x | y,
         "xor.b32": lambda x, y: x ^ y,
         "mul.lo.u32": lambda x, y: x * y,
+        "mad.lo.u32": lambda x, y, z: x * y + z,
     }
     for ins in text.strip("{} ").split(";"):
         ins = ins.strip()

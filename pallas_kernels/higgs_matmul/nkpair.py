@@ -39,11 +39,11 @@ Values are the grid rounded to the activation dtype (bf16 or f16, nearest even),
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
 import numpy as np
 
+from pallas_kernels.higgs_matmul import pairdec as _pairdec
 from pallas_kernels.higgs_matmul import regtab as _regtab
+from pallas_kernels.higgs_matmul.regtab import Op
 
 CODE_BITS = (2, 4)
 DTYPES = ("bfloat16", "float16")
@@ -142,23 +142,6 @@ def unpack_pair_words(words, cb: int):
 
 
 # ------------------------------------------------------------------------------------ decoding
-class Op(NamedTuple):
-    """``dst = op(srcs)`` on 32 bits; a src is a register name ("P": the pair word) or an int."""
-
-    op: str  # "rotr" | "shr" | "and" | "or" | "mad" | "prmt"
-    dst: str
-    srcs: tuple
-
-
-def _bits16(values, dtype: str) -> np.ndarray:
-    import jax.numpy as jnp
-
-    if dtype not in DTYPES:
-        raise ValueError(f"nk16 decoding produces one of {DTYPES}, got {dtype!r}")
-    arr = np.asarray(values, np.float32).astype(getattr(jnp, dtype))
-    return arr.view(np.uint16).astype(np.uint32)
-
-
 def check(grid_values, cb: int) -> None:
     """Raises ValueError unless the nk16 decoder handles this grid and code width."""
     planes_per_row(cb)
@@ -173,23 +156,19 @@ def check(grid_values, cb: int) -> None:
 
 
 def table_values(grid_values, cb: int, dtype: str) -> np.ndarray:
-    """(2^cb,) uint32: the 16-bit pattern each code decodes to."""
+    """(2^cb,) uint32: the 16-bit pattern each code decodes to (the pair decoder's values,
+    `pairdec.table_values`: the grid rounded to ``dtype``)."""
     check(grid_values, cb)
-    g = _regtab._grid_1d(grid_values)
-    if cb == 2:
-        return _bits16(g, dtype)
-    low = _bits16(-g[:8], dtype)  # magnitudes (positive); codes < 8 are their negatives
-    return np.concatenate([low | np.uint32(0x8000), low])
+    return _pairdec.table_values(grid_values, cb, dtype)
 
 
 @functools.lru_cache(maxsize=256)
 def _program_cached(key: tuple[float, ...], cb: int, f: int, dtype: str) -> tuple[Op, ...]:
-    g = np.asarray(key, np.float64)
+    bits = table_values(tuple((v,) for v in key), cb, dtype)
     ops: list[Op] = []
     emit = lambda op, dst, *srcs: ops.append(Op(op, dst, srcs))
     pack = _regtab._pack_bytes
     if cb == 2:
-        bits = _bits16(g, dtype)
         lo, hi = pack([b & 0xFF for b in bits]), pack([b >> 8 for b in bits])
         src = "P"
         if SHIFTS2[f]:
@@ -199,7 +178,7 @@ def _program_cached(key: tuple[float, ...], cb: int, f: int, dtype: str) -> tupl
         emit("mad", "m", "m", 0x11, 0x4040)  # selector nibbles (A, A + 4, B, B + 4)
         emit("prmt", "out", lo, hi, "m")
         return tuple(ops)
-    mags = _bits16(-g[:8], dtype)  # sign/magnitude order: g[i] = -(i-th magnitude), i < 8
+    mags = bits[8:]  # sign/magnitude order: codes 8 + i are the positive magnitudes
     lo, hi = [int(b) & 0xFF for b in mags], [int(b) >> 8 for b in mags]
     s, a, b = PLAN4[f]
     src = "P"

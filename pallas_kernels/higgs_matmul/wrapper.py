@@ -405,44 +405,7 @@ def launch_kernel(
             f"path={cfg.path!r}, tile_scale={cfg.tile_scale}"
         )
     _check_layout(kw, cfg)
-    if cfg.path == "nk":
-        body = functools.partial(
-            _kernel_nk.nk_kernel,
-            cb=cb,
-            grid_values=kw.grid_values,
-            units=units,
-            bku=bku,
-            bn=bn,
-            bm=bm,
-            mma_m=min(cfg.mma_m, bm),
-            steps=steps,
-            n_cols=N,
-            group_units_num=32,
-            group_units_den=kw.group_size,
-            num_groups=kw.scales.shape[0],
-            mask_rows=ux != units,
-            mask_cols=n_out != N,
-            xblk=xblk,
-            interpret=interpret,
-        )
-        name = f"higgs_matmul_p1_cb{cb}_nk"
-        if 0 < cfg.mma_m < bm:
-            name += f"_mm{cfg.mma_m}"
-        with _compat.quiet_triton_deprecation():
-            partial = pl.pallas_call(
-                body,
-                out_shape=jax.ShapeDtypeStruct((split, mp, n_out), jnp.float32),
-                grid=(n_out // bn, split, mp // bm),
-                compiler_params=None
-                if interpret
-                else _compat.compiler_params(cfg.num_warps, cfg.num_stages),
-                interpret=interpret,
-                name=name,
-            )(xk, kw.words, kw.scales)
-        return jnp.sum(partial, axis=0)[:m, :N]
-    decode, coef = resolve_decode(cfg.decode if cfg.path != "gemv" else "auto", kw, cfg.path)
     common = dict(
-        p=p,
         cb=cb,
         units=units,
         bku=bku,
@@ -452,65 +415,83 @@ def launch_kernel(
         group_units_num=32 * p,
         group_units_den=kw.group_size,
         num_groups=kw.scales.shape[0],
-        m_rows=mp,
         mask_rows=ux != units,
         mask_cols=n_out != N,
         xblk=xblk,
     )
-    if cfg.path == "gemv":
-        lookup = cfg.decode if cfg.decode in ("byte", "code") else "auto"
-        if lookup == "auto":
-            lookup = "code" if kw.n <= 16 else "byte"
+    operands = (xk, kw.words, kw.scales)
+    if cfg.path == "nk":
         body = functools.partial(
-            _gemv.higgs_gemv_kernel,
-            interpret=interpret,
-            lookup=lookup,
-            volatile=cfg.volatile,
-            **common,
-        )
-        if lookup == "code":
-            lut = jnp.asarray(_gemv.code_lut(kw.grid_values, p))
-        else:
-            lut = jnp.asarray(_gemv.byte_lut(kw.grid_values, p, cb))
-        name = f"higgs_gemv_p{p}_cb{cb}"
-    else:
-        body = functools.partial(
-            _kernel.higgs_matmul_kernel,
-            path=cfg.path,
-            decode=decode,
+            _kernel_nk.nk_kernel,
             grid_values=kw.grid_values,
-            coef=coef,
             bm=bm,
-            words=cfg.words,
-            fused_fma=cfg.fused_fma,
-            tile_scale=tile_scale_applies(kw, cfg),
-            swap_dot=cfg.path == "dot" and cfg.dot_order == "wx",
-            mma_m=min(cfg.mma_m, bm) if cfg.path == "dot" else 0,
-            prefetch=cfg.prefetch if cfg.path in ("fma", "dot") else 0,
+            mma_m=min(cfg.mma_m, bm),
             interpret=interpret,
             **common,
         )
-        lut = _lut(decode, kw)
-        name = f"higgs_matmul_p{p}_cb{cb}_{cfg.path}_{decode}"
-        if cfg.path == "dot" and cfg.dot_order == "wx":
-            name += "_wx"
-        if cfg.path == "dot" and 0 < cfg.mma_m < bm:
+        name = f"higgs_matmul_p1_cb{cb}_nk"
+        if 0 < cfg.mma_m < bm:
             name += f"_mm{cfg.mma_m}"
-        if cfg.prefetch and cfg.path in ("fma", "dot"):
-            if kw.words.size >= 2**31:
-                raise ValueError(
-                    f"prefetch={cfg.prefetch} addresses the words with int32 offsets, but this "
-                    f"weight has {kw.words.size} words (>= 2^31); use prefetch=0"
-                )
-            name += f"_pf{cfg.prefetch}"
-    if cfg.loop_stages and not interpret:
+    else:
+        common.update(p=p, m_rows=mp)
+        decode, coef = resolve_decode(
+            cfg.decode if cfg.path != "gemv" else "auto", kw, cfg.path
+        )
+        if cfg.path == "gemv":
+            lookup = cfg.decode if cfg.decode in ("byte", "code") else "auto"
+            if lookup == "auto":
+                lookup = "code" if kw.n <= 16 else "byte"
+            body = functools.partial(
+                _gemv.higgs_gemv_kernel,
+                interpret=interpret,
+                lookup=lookup,
+                volatile=cfg.volatile,
+                **common,
+            )
+            if lookup == "code":
+                lut = jnp.asarray(_gemv.code_lut(kw.grid_values, p))
+            else:
+                lut = jnp.asarray(_gemv.byte_lut(kw.grid_values, p, cb))
+            name = f"higgs_gemv_p{p}_cb{cb}"
+        else:
+            body = functools.partial(
+                _kernel.higgs_matmul_kernel,
+                path=cfg.path,
+                decode=decode,
+                grid_values=kw.grid_values,
+                coef=coef,
+                bm=bm,
+                words=cfg.words,
+                fused_fma=cfg.fused_fma,
+                tile_scale=tile_scale_applies(kw, cfg),
+                swap_dot=cfg.path == "dot" and cfg.dot_order == "wx",
+                mma_m=min(cfg.mma_m, bm) if cfg.path == "dot" else 0,
+                prefetch=cfg.prefetch if cfg.path in ("fma", "dot") else 0,
+                interpret=interpret,
+                **common,
+            )
+            lut = _lut(decode, kw)
+            name = f"higgs_matmul_p{p}_cb{cb}_{cfg.path}_{decode}"
+            if cfg.path == "dot" and cfg.dot_order == "wx":
+                name += "_wx"
+            if cfg.path == "dot" and 0 < cfg.mma_m < bm:
+                name += f"_mm{cfg.mma_m}"
+            if cfg.prefetch and cfg.path in ("fma", "dot"):
+                if kw.words.size >= 2**31:
+                    raise ValueError(
+                        f"prefetch={cfg.prefetch} addresses the words with int32 offsets, but this "
+                        f"weight has {kw.words.size} words (>= 2^31); use prefetch=0"
+                    )
+                name += f"_pf{cfg.prefetch}"
+        operands += (lut,)
+    if cfg.loop_stages and not interpret and cfg.path != "nk":
         if not _compat.install_loop_stages_hook():
             raise ValueError(
                 f"loop_stages={cfg.loop_stages} needs jax's Pallas Triton lowering hook, which this "
                 f"jax {jax.__version__} does not have; use loop_stages=0"
             )
         name = _compat.loop_stages_name(name, cfg.loop_stages)
-    grid = (n_out // bn, split, mp // bm if cfg.path in ("dot", "wide") else 1)
+    grid = (n_out // bn, split, mp // bm if cfg.path in ("dot", "wide", "nk") else 1)
     with _compat.quiet_triton_deprecation():
         partial = pl.pallas_call(
             body,
@@ -521,7 +502,7 @@ def launch_kernel(
             else _compat.compiler_params(cfg.num_warps, cfg.num_stages),
             interpret=interpret,
             name=name,
-        )(xk, kw.words, kw.scales, lut)
+        )(*operands)
     return jnp.sum(partial, axis=0)[:m, :N]
 
 
