@@ -235,6 +235,10 @@ def test_nk_bad_input():
         nkpair.ptx(nk.grid_values, 4, 0, "float32")
     with pytest.raises(ValueError, match="whole unit pairs: codes need 64 k rows, got 96"):
         nkpair.pack_pair_words(jnp.zeros((96, 4), jnp.int32), 2)
+    from pallas_kernels import _compat
+
+    with pytest.raises(ValueError, match="takes 16- or 32-bit words, got uint8"):
+        _compat.unary_pair_asm(jnp.zeros((16, 16), jnp.uint8), "", jnp.bfloat16)
 
 
 # -- on the GPU -------------------------------------------------------------------------------
