@@ -14,10 +14,11 @@ planes decodes it to (BN, BKU) bf16/f16 values with one unary PTX block per two 
 the tile's sum is scaled once per column. The (BN, BM) result is transposed once at the store.
 Partial sums (S, M, N) are reduced outside (wrapper), as for the plane kernel.
 
-On Hopper the dot is a warpgroup MMA (``HGMMA.64xmmx16``) whose first operand comes from
-registers, so no decoded plane goes through shared memory, and every program decodes each
-weight once whatever its rows (the plane kernel's "xw" dots, by contrast, split the warps over
-rows at 64-row blocks and decode each plane twice).
+On Hopper the dot is a warpgroup MMA (``HGMMA.64xmmx16``, offline SASS) whose first operand comes
+from registers, so no decoded plane goes through shared memory, and one warpgroup dot per plane
+decodes each weight once whatever the program's rows. Measured (H100, session 11): no faster than
+the plane kernel at 4 bits, because Triton waits for each MMA before the next plane is decoded
+(docs/KERNELS.md); an option, not a default.
 """
 
 from __future__ import annotations
