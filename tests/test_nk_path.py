@@ -37,6 +37,7 @@ def _cfg(**kw) -> Config:
         "path": "nk",
         "block_m": 16,
         "num_warps": 4,
+        "dot_order": "wx",
     }
     base.update(kw)
     return Config(**base)
@@ -46,10 +47,15 @@ def _cfg(**kw) -> Config:
 @pytest.mark.parametrize("cb", [2, 4])
 def test_pack_pair_words_round_trip_and_shape(cb):
     rng = np.random.default_rng(cb)
-    codes = jnp.asarray(rng.integers(0, 1 << cb, size=(32 * 6, 10)), jnp.int32)
+    codes = jnp.asarray(rng.integers(0, 1 << cb, size=(32 * 32, 10)), jnp.int32)
     words = nkpair.pack_pair_words(codes, cb)
-    assert words.shape == (2 * cb, 10, 6) and words.dtype == jnp.uint16
+    assert words.shape == (2, 2 * cb, 10, 16) and words.dtype == jnp.uint16
     np.testing.assert_array_equal(np.asarray(nkpair.unpack_pair_words(words, cb)), codes)
+    # blocks of 16 units: stored[b, r, n, j] is row r, column n, unit 16 b + j
+    rows = nkpair.unblock(words)
+    assert rows.shape == (2 * cb, 10, 32)
+    np.testing.assert_array_equal(np.asarray(rows[:, :, 16:]), np.asarray(words[1]))
+    np.testing.assert_array_equal(np.asarray(nkpair.block(rows)), np.asarray(words))
     # every bit of a pair word carries information: 16 random bits per uint16 on average
     assert 0.4 < float(np.unpackbits(np.asarray(words).view(np.uint8)).mean()) < 0.6
 
@@ -66,12 +72,13 @@ def test_plan4_tiles_the_pair_word():
     assert sorted(seen) == list(range(32))
 
 
-def test_to_nk16_keeps_the_codes_and_pads_to_unit_pairs():
-    w = signmag_weight(make_weight(32 * 5 + 7, 24, 1, 16, g=64))  # 6 units: even
-    w3 = signmag_weight(make_weight(32 * 3, 24, 1, 4, g=32))  # 3 units: padded to 4
-    for kw in (w, w3):
+def test_to_nk16_keeps_the_codes_and_pads_to_whole_blocks():
+    w = signmag_weight(make_weight(32 * 5 + 7, 24, 1, 16, g=64))  # 6 units: padded to 16
+    w3 = signmag_weight(make_weight(32 * 3, 24, 1, 4, g=32))  # 3 units: padded to 16
+    w32 = signmag_weight(make_weight(32 * 32, 24, 1, 4, g=32))  # 32 units: two whole blocks
+    for kw in (w, w3, w32):
         nk = to_nk16(kw)
-        assert nk.layout == "nk16" and nk.units == kw.units + kw.units % 2
+        assert nk.layout == "nk16" and nk.units == kw.units + -kw.units % 16
         codes = np.asarray(kernel_codes(nk))
         np.testing.assert_array_equal(
             codes[: 32 * kw.units], np.asarray(unpack_kernel_words(kw.words, kw.code_bits))
@@ -93,8 +100,8 @@ def test_nkpair_ptx_matches_emulation_and_grid(n, dtype):
     w = signmag_weight(make_weight(64, 8, 1, n))
     cb = w.code_bits
     rng = np.random.default_rng(n)
-    codes = rng.integers(0, n, size=(64, 32))  # 2 units x 32 columns
-    words = np.asarray(nkpair.pack_pair_words(jnp.asarray(codes), cb))  # (R, 32, 2)
+    codes = rng.integers(0, n, size=(512, 32))  # 16 units (one block) x 32 columns
+    words = np.asarray(nkpair.unblock(nkpair.pack_pair_words(jnp.asarray(codes), cb)))  # (R, 32, 16)
     vals = nkpair.table_values(w.grid_values, cb, dtype)
     F = nkpair.planes_per_row(cb)
     for r in range(2 * cb):
@@ -131,14 +138,16 @@ NK_CASES = [  # (n, m, k, n_cols, block_m, mma_m, dtype, h)
 ]
 
 
+@pytest.mark.parametrize("order", ["wx", "xw"])
 @pytest.mark.parametrize("n,m,k,n_cols,block_m,mma_m,dtype,h", NK_CASES)
-def test_nk_matches_reference(n, m, k, n_cols, block_m, mma_m, dtype, h):
-    """The "nk" path (odd K, padded and masked rows / columns, sub-dots, bf16 and f16, Hadamard
-    rotations) against the f32 reference on the original weight and the plane kernel's dot path."""
+def test_nk_matches_reference(n, m, k, n_cols, block_m, mma_m, dtype, h, order):
+    """The "nk" path in both operand orders (odd K, padded and masked rows / columns, sub-dots,
+    bf16 and f16, Hadamard rotations) against the f32 reference on the original weight and the
+    plane kernel's dot path."""
     w = signmag_weight(make_weight(k, n_cols, 1, n, g=512, seed=m, h=h))
     nk = to_nk16(w)
     x = jnp.asarray(np.random.default_rng(m).normal(size=(m, k)), dtype)
-    cfg = _cfg(block_m=block_m, mma_m=mma_m)
+    cfg = _cfg(block_m=block_m, mma_m=mma_m, dot_order=order)
     y = higgs_matmul_pallas(x, nk, config=cfg, interpret=not _on_gpu())
     r = higgs_matmul_reference(x.astype(jnp.float32), w)
     assert y.shape == (m, n_cols) and y.dtype == x.dtype
@@ -152,15 +161,16 @@ def test_nk_matches_reference(n, m, k, n_cols, block_m, mma_m, dtype, h):
     assert rel_err(yd, r) < 1e-2, rel_err(yd, r)
 
 
+@pytest.mark.parametrize("order", ["wx", "xw"])
 @pytest.mark.parametrize("n", [4, 16])
-def test_nk_identity_is_exact(n):
+def test_nk_identity_is_exact(n, order):
     """x = I returns every weight exactly: its 16-bit table value times the scale."""
     w = signmag_weight(make_weight(1024, 64, 1, n, g=512, seed=6))
     vals = nkpair.table_values(w.grid_values, w.code_bits, "bfloat16").astype(np.uint16)
     w_eff = _with_grid(w, vals.view(jnp.bfloat16).astype(np.float32))
     nk = to_nk16(w)
     x = jnp.eye(w.K, dtype=jnp.bfloat16)
-    cfg = _cfg(split_k=1, block_m=64)
+    cfg = _cfg(split_k=1, block_m=64, dot_order=order, mma_m=32 if order == "xw" else 0)
     got = jnp.concatenate(
         [
             higgs_matmul_pallas(x[i : i + 256], nk, config=cfg, interpret=not _on_gpu())
@@ -197,12 +207,40 @@ def test_nk_lowers_to_unary_asm_on_uint16_tiles():
         assert t.endswith("xbf16>") and t.startswith("tensor<16x16"), t
 
 
+def test_nk_xw_lowers_to_unary_asm_on_transposed_tiles():
+    """dot_order="xw": the loaded (BN, BKU) word tile is transposed once, then each plane is one
+    single-operand asm on the (BKU, BN) tile feeding the dot as its second operand, with no
+    transpose of decoded values (on Hopper a warp-level MMA: no warpgroup waits; session 12)."""
+    import re
+
+    from benchmarks.sass_count import capture_ttir
+
+    nk = _nk_weight(1024, 128, 16)
+    x = jnp.zeros((16, 1024), jnp.bfloat16)
+    ir = capture_ttir(x, nk, _cfg(block_n=128, split_k=1, dot_order="xw"))
+    asm = re.findall(
+        r"tt\.elementwise_inline_asm .*\{constraints = \"([^\"]*)\", packed_element = (\d+).* : "
+        r"(tensor<[^>]*>) -> (tensor<[^>]*>)",
+        ir,
+    )
+    assert len(asm) == 32, len(asm)
+    assert set(asm) == {("=r,r", "2", "tensor<16x128xi16>", "tensor<16x128xbf16>")}
+    loop = ir[ir.index("scf.for") : ir.index("scf.yield")]
+    assert "arith.truncf" not in loop
+    trans = re.findall(r"tt\.trans %\S+ .*: (tensor<[^>]*>) -> (tensor<[^>]*>)", loop)
+    words = [t for t in trans if "i16" in t[0]]
+    assert words == [("tensor<128x16xi16>", "tensor<16x128xi16>")] * 8, trans
+    # besides the word tiles only the (BN, 1) scale column is transposed, never decoded values
+    assert [t for t in trans if "i16" not in t[0]] == [("tensor<128x1xf32>", "tensor<1x128xf32>")]
+
+
 def test_nk_config_defaults():
     c1, c64 = nk_config(1, 8192, 28672), nk_config(64, 4096, 4096)
     assert (c1.path, c1.block_m, c1.block_k, c1.num_stages) == ("nk", 16, 512, 2)
     assert c64.block_m == 64 and c64.split_k >= 1
     # the grid reaches the program target where K allows it
     assert (28672 // c1.block_n) * c1.split_k >= 528
+    assert c1.dot_order == "wx" and c64.mma_m == 0
 
 
 def test_nk_bad_input():
@@ -221,6 +259,8 @@ def test_nk_bad_input():
         higgs_matmul_pallas(x, _nk_weight(1024, 16, 4, g=64), config=_cfg(), interpret=True)
     with pytest.raises(ValueError, match="path='nk' needs block_k / \\(32 p\\) >= 16"):
         higgs_matmul_pallas(x, nk, config=_cfg(block_k=256), interpret=True)
+    with pytest.raises(ValueError, match="one block of 16 units per step: block_k must be 512, got 1024"):
+        higgs_matmul_pallas(x, nk, config=_cfg(block_k=1024), interpret=True)
     with pytest.raises(ValueError, match="holds p = 1 codes, got p=2"):
         to_nk16(make_weight(1024, 16, 2, 16))
     with pytest.raises(ValueError, match="holds 2- and 4-bit codes, got 3-bit"):
@@ -233,8 +273,10 @@ def test_nk_bad_input():
         ValueError, match="produces one of \\('bfloat16', 'float16'\\), got 'float32'"
     ):
         nkpair.ptx(nk.grid_values, 4, 0, "float32")
-    with pytest.raises(ValueError, match="whole unit pairs: codes need 64 k rows, got 96"):
+    with pytest.raises(ValueError, match="codes need a multiple of 512 k rows, got 96"):
         nkpair.pack_pair_words(jnp.zeros((96, 4), jnp.int32), 2)
+    with pytest.raises(ValueError, match="whole blocks of 16 units, got 6 units"):
+        nkpair.block(jnp.zeros((4, 8, 6), jnp.uint16))
     from pallas_kernels import _compat
 
     with pytest.raises(ValueError, match="takes 16- or 32-bit words, got uint8"):
@@ -254,5 +296,20 @@ def test_gpu_nk_default_config(n, m):
     w = signmag_weight(make_weight(4096, 512, 1, n, g=512, seed=m))
     x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
     y = higgs_matmul_pallas(x, to_nk16(w))
+    r = higgs_matmul_reference(x.astype(jnp.float32), w)
+    assert rel_err(y, r) < 1e-2, rel_err(y, r)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("n", [4, 16])
+@pytest.mark.parametrize("m,mma_m", [(1, 0), (16, 0), (64, 16), (64, 32), (100, 32)])
+def test_gpu_nk_xw(n, m, mma_m):
+    """dot_order="xw" on the GPU (warp-level MMAs, the decoded plane as the second operand in
+    registers): the pairs the asm sees must be units 2i, 2i + 1, or this fails."""
+    w = signmag_weight(make_weight(4096, 512, 1, n, g=512, seed=m))
+    x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
+    cfg = dataclasses.replace(nk_config(m, 4096, 512), dot_order="xw", mma_m=mma_m)
+    y = higgs_matmul_pallas(x, to_nk16(w), config=cfg)
     r = higgs_matmul_reference(x.astype(jnp.float32), w)
     assert rel_err(y, r) < 1e-2, rel_err(y, r)

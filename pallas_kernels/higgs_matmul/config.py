@@ -248,9 +248,9 @@ def nk_config(m: int, k: int, n: int) -> Config:
     """Heuristic config of the "nk" path (p = 1 weights in the nk16 layout) for an (m, k) x (k, n)
     product: 16 units per step (one dot of K = 16 per plane), BM = M rounded up to a power of two
     between 16 and 64 (one warpgroup dot of BM rows per plane), 128 columns, two pipeline stages,
-    split-K up to `TARGET_PROGRAMS` programs."""
+    split-K up to `TARGET_PROGRAMS` programs, operand order "wx" (one warpgroup MMA per plane)."""
     units = -(-k // 32)
-    units += units % 2  # the nk16 layout pads to whole unit pairs
+    units += -units % 16  # the nk16 layout pads to whole 16-unit blocks
     block_m = min(64, max(16, _next_pow2(m)))
     block_n = min(128, max(64, _next_pow2(n)))
     bku = 16
@@ -265,6 +265,7 @@ def nk_config(m: int, k: int, n: int) -> Config:
         num_stages=2,
         path="nk",
         block_m=block_m,
+        dot_order="wx",
     )
 
 

@@ -34,7 +34,7 @@ from pallas_kernels.higgs_matmul.kernel import x_plane
 
 def nk_kernel(
     x_ref,  # (Mp, NB, 1, 32, XB) activation dtype: blocked activations (kernel.x_plane)
-    w_ref,  # (R, N, U) uint16: nk16 words
+    w_ref,  # (U / 16, R, N, 16) uint16: stored nk16 words
     s_ref,  # (G, N) scales
     o_ref,  # (S, Mp, N_out) f32 partial sums
     *,
@@ -53,10 +53,18 @@ def nk_kernel(
     mask_rows: bool,
     mask_cols: bool,
     xblk: int,
+    dot_order: str = "wx",
     interpret: bool = False,
 ):
     """Kernel body; see the module docstring. ``mma_m``: rows of x per dot (the program's BM
-    rows are BM / mma_m dots sharing each decoded plane)."""
+    rows are BM / mma_m dots sharing each decoded plane). ``dot_order``: "wx" (decoded plane
+    (BN, BKU) as the first operand, accumulating (BN, mm)) or "xw" (the word tile transposed
+    before decoding, so the plane is the (BKU, BN) second operand, accumulating (mm, BN))."""
+    if dot_order not in ("wx", "xw"):
+        raise ValueError(f"dot_order must be 'wx' or 'xw', got {dot_order!r}")
+    xw = dot_order == "xw"
+    if bku != _nkpair.BLOCK_UNITS:
+        raise ValueError(f"the nk path reads one {_nkpair.BLOCK_UNITS}-unit block per step, got {bku}")
     mm = mma_m or bm
     if bm % mm or mm < 16:
         raise ValueError(f"mma_m={mma_m} must be >= 16 and divide block_m={bm}")
@@ -68,6 +76,7 @@ def nk_kernel(
     n0 = pl.multiple_of(j * bn, bn)
     cols = n0 + lax.broadcasted_iota(jnp.int32, (bn, 1), 0)  # (BN, 1)
     xdt = x_ref.dtype
+    acc_shape = (mm, bn) if xw else (bn, mm)
 
     def step(it, state):
         u0 = pl.multiple_of((s * steps + it) * bku, bku)
@@ -86,20 +95,33 @@ def nk_kernel(
             mask=(cols < n_cols) if mask_cols else None,
             other=0,
         ).astype(jnp.float32)  # (BN, 1)
-        acc = [jnp.zeros((bn, mm), jnp.float32) for _ in range(nsub)]
+        if xw:
+            scl = scl.T  # (1, BN)
+        acc = [jnp.zeros(acc_shape, jnp.float32) for _ in range(nsub)]
+        ub = s * steps + it  # the step's block of the stored layout
         for r in range(2 * cb):
             tile = _compat.load(
-                w_ref.at[jnp.int32(r), pl.ds(n0, bn), pl.ds(u0, bku)], mask=mask, other=0
-            )  # (BN, BKU) uint16
+                w_ref.at[ub, jnp.int32(r), pl.ds(n0, bn), pl.ds(0, bku)], mask=mask, other=0
+            )  # (BN, BKU) uint16: BN x 32 contiguous bytes
+            if xw:
+                # (BKU, BN): pairs of units stay adjacent in a thread's registers whether or not
+                # Triton hoists the dot operand's layout to the load (both layouts are k-major),
+                # which is what the pack-2 asm needs
+                tile = tile.T
             for f in range(F):
-                v = _nkpair.decode(tile, grid_values, cb, f, xdt, interpret=interpret)
+                v = _nkpair.decode(
+                    tile, grid_values, cb, f, xdt, interpret=interpret, pair_axis=0 if xw else 1
+                )
                 c = r * F + f
                 for q in range(nsub):
                     xs = x_plane(x_ref, pl.ds(i * bm + q * mm, mm), 0, c, u0, bku=bku, xblk=xblk)
-                    acc[q] = _compat.dot_acc(v, xs.T, acc[q], interpret=interpret)
+                    if xw:
+                        acc[q] = _compat.dot_acc(xs, v, acc[q], interpret=interpret)
+                    else:
+                        acc[q] = _compat.dot_acc(v, xs.T, acc[q], interpret=interpret)
         return tuple(state[q] + acc[q] * scl for q in range(nsub))
 
-    init = tuple(jnp.zeros((bn, mm), jnp.float32) for _ in range(nsub))
+    init = tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(nsub))
     out = lax.fori_loop(0, steps, step, init)
     for q in range(nsub):
-        o_ref[s, pl.ds(i * bm + q * mm, mm), pl.ds(n0, bn)] = out[q].T
+        o_ref[s, pl.ds(i * bm + q * mm, mm), pl.ds(n0, bn)] = out[q] if xw else out[q].T

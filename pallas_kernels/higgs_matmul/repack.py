@@ -111,8 +111,8 @@ class KernelPackedWeight:
 
     Invariant (``layout="kn"``, the default): ``words.shape == (U, cb, N)`` uint32 with
     ``U = ceil(k_pad / p / 32)``; ``layout="nk16"`` (p = 1, 2- and 4-bit codes, made by `to_nk16`
-    for the "nk" kernel path): ``words.shape == (2 cb, N, U)`` uint16 with U rounded up to even,
-    the layout of `nkpair`. Either way
+    for the "nk" kernel path): ``words.shape == (U / 16, 2 cb, N, 16)`` uint16 with U rounded up
+    to a multiple of 16 (zero codes, counted in `nbytes`), the layout of `nkpair`. Either way
     ``scales.shape == (k_pad // group_size, N)``, ``signs`` is None or ``(k_pad,)``,
     optional sparse outliers ``W[outlier_rows[i], outlier_cols[i]] += outlier_values[i]`` (in W's
     unrotated domain, as in `HiggsTensor`),
@@ -150,7 +150,9 @@ class KernelPackedWeight:
 
     @property
     def units(self) -> int:
-        return self.words.shape[2] if self.layout == "nk16" else self.words.shape[0]
+        if self.layout == "nk16":
+            return self.words.shape[0] * self.words.shape[3]
+        return self.words.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -342,8 +344,8 @@ def repack(qt) -> KernelPackedWeight:
 def to_nk16(w) -> KernelPackedWeight:
     """`HiggsTensor` or `KernelPackedWeight` -> the same weight in the "nk16" layout
     (`nkpair.py`; p = 1 grids with 2- or 4-bit codes), which the kernel's "nk" path reads. A
-    one-time transpose and bit shuffle of the same size (plus one zero unit per column when the
-    unit count is odd); do it once at load time. Idempotent.
+    one-time transpose and bit shuffle of the same size, plus zero units up to a multiple of 16
+    units per column (at most 15 x 32 codes); do it once at load time. Idempotent.
 
     Raises:
       ValueError: p != 1, code width other than 2 or 4, or a 16-point grid that is not
@@ -358,7 +360,8 @@ def to_nk16(w) -> KernelPackedWeight:
         raise ValueError(f"the nk16 layout holds p = 1 codes, got p={kw.p}")
     nkpair.check(kw.grid_values, kw.code_bits)
     codes = unpack_kernel_words(kw.words, kw.code_bits)  # (32 U, N)
-    if kw.units % 2:
-        codes = jnp.pad(codes, [(0, 32), (0, 0)])
+    pad = -kw.units % nkpair.BLOCK_UNITS
+    if pad:
+        codes = jnp.pad(codes, [(0, 32 * pad), (0, 0)])
     words = nkpair.pack_pair_words(codes, kw.code_bits)
     return dataclasses.replace(kw, words=words, layout=nkpair.LAYOUT)

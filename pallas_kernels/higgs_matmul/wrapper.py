@@ -363,13 +363,19 @@ def _default_for(kw: KernelPackedWeight, m: int) -> Config:
 
 
 def _check_layout(kw: KernelPackedWeight, cfg: Config) -> None:
-    """The nk16 layout and the "nk" path go together; the path scales whole tiles."""
+    """The nk16 layout and the "nk" path go together; the path reads one stored block per step
+    and scales whole tiles."""
     nk = kw.layout == _nkpair.LAYOUT
     if nk != (cfg.path == "nk"):
         raise ValueError(
             f"path={cfg.path!r} reads the {'nk16' if cfg.path == 'nk' else 'kn'} weight layout, "
             f"but this weight is in the {kw.layout!r} layout"
             + ("; convert it once with repack.to_nk16" if cfg.path == "nk" else "; use path='nk'")
+        )
+    if nk and cfg.units_per_step(kw.p) != _nkpair.BLOCK_UNITS:
+        raise ValueError(
+            f"path='nk' reads one block of {_nkpair.BLOCK_UNITS} units per step: block_k must be "
+            f"{32 * _nkpair.BLOCK_UNITS}, got {cfg.block_k}"
         )
     if nk and kw.group_size % cfg.block_k:
         raise ValueError(
@@ -426,10 +432,11 @@ def launch_kernel(
             grid_values=kw.grid_values,
             bm=bm,
             mma_m=min(cfg.mma_m, bm),
+            dot_order=cfg.dot_order,
             interpret=interpret,
             **common,
         )
-        name = f"higgs_matmul_p1_cb{cb}_nk"
+        name = f"higgs_matmul_p1_cb{cb}_nk" + ("_xw" if cfg.dot_order == "xw" else "")
         if 0 < cfg.mma_m < bm:
             name += f"_mm{cfg.mma_m}"
     else:
