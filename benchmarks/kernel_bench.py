@@ -14,8 +14,10 @@ that they are not served from L2; PyTorch: CUDA graph of R calls (same copies) t
 events. Copy bandwidth: PyTorch device-to-device copy of 1 GiB, (read + write) / time.
 
 Usage: PYTHONPATH=. python benchmarks/kernel_bench.py [--mode explore|full] [--budget-s 420]
-  [--paths default,wide]   (kernel configs timed per (p, bits) and M: `default_config`, and/or
-                            `wide_config` (path="wide"); columns p{p}_b{bits}[_wide]_us)
+  [--paths default,wide,nk] (kernel configs timed per (p, bits) and M: `default_config`,
+                            `wide_config` (path="wide") and/or `nk_config` (path="nk", weights
+                            converted once with `to_nk16`; p = 1 2/4-bit grids only); columns
+                            p{p}_b{bits}[_wide|_nk]_us)
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ from pallas_kernels.higgs_matmul import (
 )
 from pallas_kernels.higgs_matmul import wrapper as _wrapper
 from pallas_kernels.higgs_matmul.autotune import time_device, time_host_call
-from pallas_kernels.higgs_matmul.config import wide_config
+from pallas_kernels.higgs_matmul.config import nk_config, wide_config
 from pallas_kernels.higgs_matmul.reference import decode_rotated
-from pallas_kernels.higgs_matmul.repack import SUPPORTED, kernel_grid_values
+from pallas_kernels.higgs_matmul.repack import SUPPORTED, kernel_grid_values, to_nk16
 
 SHAPES = [(4096, 14336), (14336, 4096), (8192, 28672), (4096, 4096), (4096, 1024)]
 MS = [1, 4, 16, 64]
@@ -193,19 +195,30 @@ def torch_matmul_time(m: int, k: int, n: int, reps: int = 100) -> float | None:
 
 
 def weight_bytes(kw: KernelPackedWeight) -> int:
-    return kw.words.size * 4 + kw.scales.size * 2
+    return kw.words.size * kw.words.dtype.itemsize + kw.scales.size * kw.scales.dtype.itemsize
 
 
-PATH_CONFIGS = {"default": default_config, "wide": wide_config}
+PATH_CONFIGS = {
+    "default": default_config,
+    "wide": wide_config,
+    "nk": lambda m, k, n, p, bits: nk_config(m, k, n),
+}
+#: Grids (p, n) the "nk" path (weights converted once with `to_nk16`) takes: p = 1, 2/4 bits.
+NK_GRIDS = ((1, 4), (1, 16))
 
 
 def path_config(path: str, m: int, k: int, n_cols: int, p: int):
-    """The config a --paths entry times: `default_config` or `wide_config`.
+    """The config a --paths entry times: `default_config`, `wide_config` or `nk_config`.
 
     bits = 0 as this script always passed to `default_config` (so its 2-bit split doubling is
-    off here, unlike the wrapper's default); `wide_config` does not use bits.
+    off here, unlike the wrapper's default); `wide_config` and `nk_config` do not use bits.
     """
     return PATH_CONFIGS[path](m, k, n_cols, p, 0)
+
+
+def layout_for(kw: KernelPackedWeight, cfg) -> KernelPackedWeight:
+    """The weight in the layout ``cfg`` reads: nk16 for the "nk" path (one-time conversion)."""
+    return jax.jit(to_nk16)(kw) if cfg.path == "nk" else kw
 
 
 def path_tag(p: int, n: int, path: str) -> str:
@@ -221,6 +234,7 @@ def correctness(cases, interpret: bool) -> list[dict]:
         kw = random_weight(jax.random.key(p * 1000 + n + m), 1536, 384, p, n)
         x = jax.random.normal(jax.random.key(m), (m, 1536), jnp.bfloat16)
         cfg = dataclasses.replace(path_config(path, m, 1536, 384, p), decode=decode)
+        kw = layout_for(kw, cfg)
         y = higgs_matmul_pallas(x, kw, config=cfg, interpret=interpret)
         r = higgs_matmul_reference(x.astype(jnp.float32), kw)
         err = float(jnp.linalg.norm(y.astype(jnp.float32) - r) / jnp.linalg.norm(r))
@@ -254,10 +268,11 @@ def kernel_only_fn(kw_cfg):
 
 
 def bench_entry(k, n_cols, m, p, n, cfg, reps, key, with_kernel_only=True):
-    kw0 = random_weight(key, k, n_cols, p, n)
+    kw0 = layout_for(random_weight(key, k, n_cols, p, n), cfg)
     copies = n_copies(weight_bytes(kw0))
     kws = [kw0] + [
-        random_weight(jax.random.fold_in(key, i), k, n_cols, p, n) for i in range(1, copies)
+        layout_for(random_weight(jax.random.fold_in(key, i), k, n_cols, p, n), cfg)
+        for i in range(1, copies)
     ]
     x = jax.random.normal(jax.random.fold_in(key, 99), (m, k), jnp.bfloat16)
     t_full = time_device(lambda a, w: higgs_matmul_pallas(a, w, config=cfg), x, kws, reps)
@@ -298,7 +313,7 @@ def _main(argv=None) -> int:
         "--paths",
         default="default",
         help="comma list of kernel configs to time per (p, bits) and M: default (default_config)"
-        ", wide (wide_config, path='wide')",
+        ", wide (wide_config, path='wide'), nk (nk_config on to_nk16 weights; p = 1, 2/4 bits)",
     )
     args = ap.parse_args(argv)
     if args.grids is not None:
@@ -349,6 +364,9 @@ def _main(argv=None) -> int:
         cases = cases[:12]
     if args.max_checks is not None:
         cases = cases[: args.max_checks]
+    if "nk" in paths:
+        # nk path (to_nk16 weights): both grids it takes at M = 16 ("xw") and M = 64 ("wx")
+        cases += [(g, m, "auto", "nk") for g in NK_GRIDS for m in (16, 64) if g in GRIDS]
     if "wide" in paths:
         # wide path: every grid at M = 16 (one M block), two at M = 1 / 64, one p=1 pair decode
         wide = [((p, n), 16, "auto", "wide") for (p, n) in GRIDS]
@@ -477,6 +495,8 @@ def _main(argv=None) -> int:
                 time_device(deq_dot, x, [kw4], max(4, args.reps // 8)) * 1e6
             )
             for (p, n), path in [(g, path) for g in GRIDS for path in paths]:
+                if path == "nk" and (p, n) not in NK_GRIDS:
+                    continue  # the nk16 layout holds p = 1 codes of 2 or 4 bits only
                 cfg = path_config(path, m, k, n_cols, p)
                 if path == "default" and p == 1:
                     # the wrapper's default picks its decoder from the code width (session 11:
@@ -552,6 +572,8 @@ def _main(argv=None) -> int:
                     f"{e[f'{tag}_us']:.1f} ({e['torch_us'] / e[f'{tag}_us']:.2f}x, "
                     f"bw {e[f'{tag}_bw_frac']:.0%})"
                 )
+            elif path == "nk" and (p, n) not in NK_GRIDS:
+                cells.append("n/a")
             else:
                 cells.append("err")
         lines.append(

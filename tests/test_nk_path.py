@@ -240,7 +240,7 @@ def test_nk_config_defaults():
     assert c64.block_m == 64 and c64.split_k >= 1
     # the grid reaches the program target where K allows it
     assert (28672 // c1.block_n) * c1.split_k >= 528
-    assert c1.dot_order == "wx" and c64.mma_m == 0
+    assert (c1.dot_order, c64.dot_order, c64.mma_m) == ("xw", "wx", 0)
 
 
 def test_nk_bad_input():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import pytest
 
 from benchmarks import tile_sweep
@@ -102,6 +103,25 @@ def test_kernel_bench_unknown_grid_is_named(capsys):
     with pytest.raises(SystemExit):
         kernel_bench.main(["--mode", "smoke", "--grids", "p1_4b,p9_1b"])
     assert "p9_1b" in capsys.readouterr().err
+
+
+def test_kernel_bench_nk_path(tmp_path, capsys):
+    """--paths nk: the weights go through to_nk16 (uint16 words counted at 2 bytes each) and the
+    CPU smoke checks the nk configs at M = 16 ("xw") and 64 ("wx") against the reference."""
+    from benchmarks import kernel_bench
+    from pallas_kernels.higgs_matmul.config import nk_config
+
+    kw = kernel_bench.random_weight(jax.random.key(0), 1024, 64, 1, 16)
+    cfg = kernel_bench.path_config("nk", 16, 1024, 64, 1)
+    assert cfg == nk_config(16, 1024, 64) and cfg.dot_order == "xw"
+    nk = kernel_bench.layout_for(kw, cfg)
+    assert nk.layout == "nk16" and kernel_bench.weight_bytes(nk) == nk.words.size * 2 + kw.scales.size * 2
+    assert kernel_bench.weight_bytes(nk) == kernel_bench.weight_bytes(kw)  # same code bytes
+    rc = kernel_bench.main(
+        ["--mode", "smoke", "--paths", "default,nk", "--grids", "p1_4b", "--results-dir", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count(" nk   auto") == 2 and "FAIL" not in out, out
 
 
 def test_variants_override_the_default_config(tmp_path):

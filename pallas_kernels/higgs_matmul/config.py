@@ -247,8 +247,14 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
 def nk_config(m: int, k: int, n: int) -> Config:
     """Heuristic config of the "nk" path (p = 1 weights in the nk16 layout) for an (m, k) x (k, n)
     product: 16 units per step (one dot of K = 16 per plane), BM = M rounded up to a power of two
-    between 16 and 64 (one warpgroup dot of BM rows per plane), 128 columns, two pipeline stages,
-    split-K up to `TARGET_PROGRAMS` programs, operand order "wx" (one warpgroup MMA per plane)."""
+    between 16 and 64, 128 columns, two pipeline stages, split-K up to `TARGET_PROGRAMS` programs.
+
+    Operand order (H100, session 12, full op, `benchmarks/results/s12/sweep_m16_nk_blocked.json`,
+    `sweep_m64_nk_blocked.json`): at 16-row blocks "xw" (the decoded plane as the second operand
+    of warp-level MMAs; no warpgroup waits), faster than "wx" in 5 of 6 (shape, width) cases, e.g.
+    8192x28672 4-bit 89.9 vs 99.2 us, 2-bit 64.8 vs 72.8 (14336x4096 4-bit: 52.7 vs 45.5); at
+    64-row blocks "wx" (one warpgroup MMA per plane): 200.0 us against 245.5 for "xw" with 32-row
+    sub-dots, 4-bit 8192x28672."""
     units = -(-k // 32)
     units += -units % 16  # the nk16 layout pads to whole 16-unit blocks
     block_m = min(64, max(16, _next_pow2(m)))
@@ -265,7 +271,7 @@ def nk_config(m: int, k: int, n: int) -> Config:
         num_stages=2,
         path="nk",
         block_m=block_m,
-        dot_order="wx",
+        dot_order="xw" if block_m == 16 else "wx",
     )
 
 
