@@ -298,6 +298,26 @@ def peak_bytes() -> int | None:
     return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
 
 
+def nk16_params(params):
+    """Kernel-layout params -> (params with every weight the "nk" path takes in the nk16 layout,
+    weights converted, weights kept): `repack.nk16_problem` decides."""
+    from pallas_kernels.higgs_matmul.repack import KernelPackedWeight, nk16_problem, to_nk16
+
+    counts = [0, 0]
+
+    def conv(x):
+        if not isinstance(x, KernelPackedWeight):
+            return x
+        if nk16_problem(x) is None:
+            counts[0] += 1
+            return jax.jit(to_nk16)(x)
+        counts[1] += 1
+        return x
+
+    out = jax.tree.map(conv, params, is_leaf=lambda x: isinstance(x, KernelPackedWeight))
+    return out, counts[0], counts[1]
+
+
 def rel_err(a: jax.Array, b: jax.Array) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -339,6 +359,8 @@ def run_check(args: argparse.Namespace) -> Iterator[dict]:
 
         if kernel_params is not None:
             kernel_params, _ = fuse_projections(kernel_params)
+    if args.nk16 and kernel_params is not None:
+        kernel_params = nk16_params(kernel_params)[0]
     for b in sorted(args.batches):
         cache = random_cache(jax.random.fold_in(key, 1000 + b), config, b, args.cache_len, args.ctx)
         tok = jax.random.randint(jax.random.fold_in(key, 2000 + b), (b, 1), 0, config.vocab_size)
@@ -411,6 +433,9 @@ def run_variant(args: argparse.Namespace, name: str) -> Iterator[dict]:
         jax.block_until_ready(params)
         n_fused = sum(r["fused"] for r in fuse_report)
         log(f"[{name}] fused {n_fused}/{len(fuse_report)} shared-input groups (qkv, gate_up)")
+    if args.nk16 and gpu and spec is not None:
+        params, n_nk, n_kept = nk16_params(params)
+        log(f"[{name}] {n_nk} weights in the nk16 layout, {n_kept} kept in the kn layout")
     build_s = time.perf_counter() - t0
     nbytes = params_bytes(params)
     log(
@@ -516,6 +541,8 @@ def child_argv(args: argparse.Namespace, job: str) -> list[str]:
         argv.append("--fuse")
     if args.quantize_lm_head:
         argv.append("--quantize-lm-head")
+    if args.nk16:
+        argv.append("--nk16")
     if args.kernel_options:
         argv += ["--kernel-options", *args.kernel_options]
     return argv
@@ -711,6 +738,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="the lm_head kernel is a HIGGS tensor of each quantized variant's spec too",
     )
+    ap.add_argument(
+        "--nk16",
+        action="store_true",
+        help="after fusing, convert every kernel weight the nk path takes to the nk16 layout "
+        "(repack.to_nk16; decodes on warp-level MMAs at every batch size)",
+    )
     ap.add_argument("--compile-cache", default=None, help="persistent jax compilation cache dir")
     ap.add_argument(
         "--kernel-options",
@@ -786,6 +819,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "variants": args.variants,
         "fused_projections": bool(args.fuse),
         "quantize_lm_head": bool(args.quantize_lm_head),
+        "nk16": bool(args.nk16),
         "kernel_options": args.kernel_options_parsed,
         "separate_processes": not args.in_process,
     }

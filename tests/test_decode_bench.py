@@ -205,3 +205,20 @@ def test_quantize_lm_head_makes_the_head_a_higgs_tensor():
     )
     rows = list(db.run_check(args))
     assert len(rows) == 1 and rows[0]["ok"], rows
+
+
+def test_nk16_params_converts_what_the_nk_path_takes():
+    """--nk16: kernel weights the nk path takes go to the nk16 layout (same codes); the rest and
+    non-weight leaves stay as they are."""
+    import numpy as np
+    from test_pallas_higgs_matmul import make_weight, signmag_weight
+
+    from pallas_kernels.higgs_matmul.repack import kernel_codes, repack
+
+    ok = repack(signmag_weight(make_weight(1024, 16, 1, 16, g=512)))
+    p2 = repack(make_weight(1024, 16, 2, 16))
+    params = {"a": ok, "b": p2, "c": jax.numpy.ones(3)}
+    out, n_nk, n_kept = db.nk16_params(params)
+    assert (n_nk, n_kept) == (1, 1)
+    assert out["a"].layout == "nk16" and out["b"] is p2 and out["c"] is params["c"]
+    np.testing.assert_array_equal(np.asarray(kernel_codes(out["a"])), np.asarray(kernel_codes(ok)))

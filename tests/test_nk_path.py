@@ -234,6 +234,18 @@ def test_nk_xw_lowers_to_unary_asm_on_transposed_tiles():
     assert [t for t in trans if "i16" not in t[0]] == [("tensor<128x1xf32>", "tensor<1x128xf32>")]
 
 
+def test_nk16_problem_names_what_the_nk_path_cannot_take():
+    from pallas_kernels.higgs_matmul.repack import nk16_problem, repack
+
+    assert nk16_problem(repack(signmag_weight(make_weight(1024, 16, 1, 16, g=512)))) is None
+    assert nk16_problem(repack(make_weight(1024, 16, 1, 4, g=1024))) is None
+    assert nk16_problem(repack(make_weight(1024, 16, 2, 16))) == "p=2 (nk16 holds p = 1 codes)"
+    assert "got 3-bit codes" in nk16_problem(repack(make_weight(1024, 16, 1, 8)))
+    assert nk16_problem(repack(make_weight(1024, 16, 1, 4, g=256))) == (
+        "group size 256 is not a multiple of 512"
+    )
+
+
 def test_nk_config_defaults():
     c1, c64 = nk_config(1, 8192, 28672), nk_config(64, 4096, 4096)
     assert (c1.path, c1.block_m, c1.block_k, c1.num_stages) == ("nk", 16, 512, 2)

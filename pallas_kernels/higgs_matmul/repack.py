@@ -341,6 +341,22 @@ def repack(qt) -> KernelPackedWeight:
     )
 
 
+def nk16_problem(kw: KernelPackedWeight) -> str | None:
+    """Why ``kw`` cannot run on the "nk" path after `to_nk16`, or None if it can: p = 1, 2- or
+    4-bit codes (4-bit: a symmetric grid), scale groups of whole 16-unit steps (512 k rows)."""
+    from pallas_kernels.higgs_matmul import nkpair
+
+    if kw.p != 1:
+        return f"p={kw.p} (nk16 holds p = 1 codes)"
+    try:
+        nkpair.check(kw.grid_values, kw.code_bits)  # a KernelPackedWeight's grid is in kernel order
+    except ValueError as e:
+        return str(e)
+    if kw.group_size % (32 * nkpair.BLOCK_UNITS):
+        return f"group size {kw.group_size} is not a multiple of {32 * nkpair.BLOCK_UNITS}"
+    return None
+
+
 def to_nk16(w) -> KernelPackedWeight:
     """`HiggsTensor` or `KernelPackedWeight` -> the same weight in the "nk16" layout
     (`nkpair.py`; p = 1 grids with 2- or 4-bit codes), which the kernel's "nk" path reads. A
