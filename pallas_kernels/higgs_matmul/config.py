@@ -42,8 +42,9 @@ class Config:
         bf16/f16 dots of K = block_k / (32 p), any M) or "wide" (whole tile decoded at once,
         one tensor-core dot of K = block_k / p per grid coordinate, any M; see kernel.py), or
         "nk" (weights in the nk16 layout of `repack.to_nk16`, p = 1 with 2- or 4-bit codes,
-        any M: each plane decoded by `nkpair` into the first operand of a tensor-core dot,
-        straight from registers; kernel_nk.py). A weight in the nk16 layout runs only on "nk".
+        any M: each plane decoded by `nkpair` into a tensor-core operand straight from
+        registers, the first with dot_order="wx", the second with "xw"; kernel_nk.py). A weight
+        in the nk16 layout runs only on "nk".
       block_m: rows of x per program on the "dot" and "wide" paths (power of two, >= 16).
       decode: how a code becomes a grid value: "poly" (exact interpolating polynomial of the
         symmetric 1-D grid's magnitudes), "select" (select tree on the code bits, constants
@@ -71,13 +72,14 @@ class Config:
         this depth (`_compat.install_loop_stages_hook`), so the weight words are prefetched into
         shared memory with async copies even on paths without a dot (fma, gemv). 0: unmarked
         (Triton then pipelines only loads that feed a dot, per ``num_stages``).
-      dot_order: "dot" path: operand order of each plane's tensor-core dot. "xw": (BM, BKU)
+      dot_order: "dot" and "nk" paths: operand order of each plane's tensor-core dot. "xw": (BM, BKU)
         activations times the (BKU, BN) decoded weights, accumulating (BM, BN). "wx": the
         transposed product, decoded weights (BN, BKU) as the first operand times the
         activations (BKU, BM), accumulating (BN, BM) (stored transposed). On Hopper the first
         operand of a warpgroup MMA may come from registers and the second must sit in shared
         memory, so "wx" lets the decoded weights feed the MMA from registers while the
         activations (plain loads) are staged by Triton's pipeliner. Ignored on other paths.
+        (`nk_config` picks "xw" at 16-row blocks and "wx" above for the "nk" path.)
       mma_m: "dot" path: rows of x per tensor-core dot (a power of two >= 16 dividing block_m;
         0 = block_m). With mma_m < block_m a program decodes each plane once and feeds it to
         block_m / mma_m dots of mma_m rows, each with its own running sum: on Hopper, 16-row

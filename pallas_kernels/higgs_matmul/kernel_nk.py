@@ -1,24 +1,26 @@
 """Pallas (Triton backend) kernel body of the "nk" path: p = 1 weights in the nk16 layout
-(`nkpair.py`), the decoded weights as the first tensor-core operand, straight from registers.
+(`nkpair.py`), the decoded weights as a tensor-core operand straight from registers.
 
 Glossary as in kernel.py: M rows of x, N columns, unit = 32 codes of one column, BKU units per
 loop step (the K of each plane's dot), BN columns and BM rows per program, S = split_k, plane c =
 the c-th code of every unit, R = 2 cb uint16 rows per unit, F = 16 / cb planes per row.
 
 Grid (N / BN, S, M / BM), the same as the plane kernel. Program (j, s, i) loops over its tiles of
-BKU units; per tile and row r it loads one (BN, BKU) uint16 tile (a plain load: the layout is
-columns-major, so no transpose sits between the load and the dot) and for each of the row's F
-planes decodes it to (BN, BKU) bf16/f16 values with one unary PTX block per two weights
-(`nkpair.decode`) and multiplies: ``acc (BN, mm) += plane (BN, BKU) @ x_plane.T (BKU, mm)``,
-``_compat.dot_acc``, f32 accumulation. The tile lies in one scale group (the wrapper checks), so
-the tile's sum is scaled once per column. The (BN, BM) result is transposed once at the store.
-Partial sums (S, M, N) are reduced outside (wrapper), as for the plane kernel.
-
-On Hopper the dot is a warpgroup MMA (``HGMMA.64xmmx16``, offline SASS) whose first operand comes
-from registers, so no decoded plane goes through shared memory, and one warpgroup dot per plane
-decodes each weight once whatever the program's rows. Measured (H100, session 11): no faster than
-the plane kernel at 4 bits, because Triton waits for each MMA before the next plane is decoded
-(docs/KERNELS.md); an option, not a default.
+BKU = 16 units (one stored block of the nk16 layout per step); per tile and row r it loads one
+(BN, 16) uint16 tile (BN x 32 contiguous bytes) and for each of the row's F planes decodes it with
+one unary PTX block per two weights (`nkpair.decode`) and multiplies, f32 accumulation
+(`_compat.dot_acc`), in one of two operand orders:
+- "wx": ``acc (BN, mm) += plane (BN, BKU) @ x_plane.T``. On Hopper a warpgroup MMA
+  (``HGMMA.64xmmx16``) with the decoded weights in registers; Triton waits for each one before the
+  next plane is decoded (session 11). The default at 64-row blocks.
+- "xw": the word tile is transposed once (still integer words), then ``acc (mm, BN) += x_plane
+  (mm, BKU) @ plane (BKU, BN)``. At 16 rows (or 16/32-row sub-dots) these are warp-level MMAs
+  (``HMMA.16816``) with the decoded plane as the second operand in registers and no waits; the
+  default at 16-row blocks (session 12: 4-bit 8192x28672, M = 16, 89.9 vs 99.2 us for "wx").
+Either way the pack-2 asm pairs units 2i, 2i + 1: both the load's register order and the MMA
+operand's run along the units, whether or not Triton hoists the operand layout to the load.
+The tile lies in one scale group (the wrapper checks), so the tile's sum is scaled once per
+column. Partial sums (S, M, N) are reduced outside (wrapper), as for the plane kernel.
 """
 
 from __future__ import annotations

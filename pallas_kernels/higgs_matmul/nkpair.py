@@ -13,6 +13,9 @@ must be that operand: a (BN, BKU) tile, columns x units. With the kernel layout 
 (U, cb, N) such a tile needs a transpose after the load, which stops the hoisting; here the
 words are stored columns-major, ``words[r, n, u]``, so the tile is a plain load. (Checked
 offline with Triton 3.6 for sm_90: ``HGMMA.64xMx16`` with the decoded weights in registers.)
+Since session 12 the kernel can also transpose the loaded word tile and feed the decoded plane
+to warp-level MMAs as their second operand (``dot_order="xw"``, `kernel_nk`), which avoids the
+warpgroup MMA's wait per plane; either way the pairs are adjacent units.
 
 Layout: rows ``words[r, n, u]`` (U even) of uint16, stored in blocks of 16 units,
 ``stored[u // 16, r, n, u % 16]`` (`block` / `unblock`): one loop step's (BN, 16) tile of a row
