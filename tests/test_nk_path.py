@@ -182,25 +182,33 @@ def test_nk_identity_is_exact(n, order):
     )
 
 
-def test_nk_lowers_to_unary_asm_on_uint16_tiles():
-    """The Triton IR holds one single-operand asm per plane on a (BN, BKU) int16 tile (two values
-    per register) feeding the dots, with no transpose or float truncation between them: the chain
-    Triton hoists the first MMA operand's layout through (docs/KERNELS.md, session 11)."""
+def _nk_ir(order: str):
+    """(inline asm ops as (constraints, pack, operand type, result type), main-loop text) of the
+    Triton IR of a 16-row nk kernel with dot order ``order``, 4-bit codes, 128 columns."""
     import re
 
     from benchmarks.sass_count import capture_ttir
 
     nk = _nk_weight(1024, 128, 16)
     x = jnp.zeros((16, 1024), jnp.bfloat16)
-    ir = capture_ttir(x, nk, _cfg(block_n=128, split_k=1))
+    ir = capture_ttir(x, nk, _cfg(block_n=128, split_k=1, dot_order=order))
     asm = re.findall(
         r"tt\.elementwise_inline_asm .*\{constraints = \"([^\"]*)\", packed_element = (\d+).* : "
         r"(tensor<[^>]*>) -> (tensor<[^>]*>)",
         ir,
     )
+    return asm, ir[ir.index("scf.for") : ir.index("scf.yield")]
+
+
+def test_nk_lowers_to_unary_asm_on_uint16_tiles():
+    """The Triton IR holds one single-operand asm per plane on a (BN, BKU) int16 tile (two values
+    per register) feeding the dots, with no transpose or float truncation between them: the chain
+    Triton hoists the first MMA operand's layout through (docs/KERNELS.md, session 11)."""
+    import re
+
+    asm, loop = _nk_ir("wx")
     assert len(asm) == 32, len(asm)
     assert set(asm) == {("=r,r", "2", "tensor<128x16xi16>", "tensor<128x16xbf16>")}
-    loop = ir[ir.index("scf.for") : ir.index("scf.yield")]
     assert "arith.truncf" not in loop
     # the only transposes in the loop are of the activations (second dot operand)
     for t in re.findall(r"tt\.trans %\S+ .*: (tensor<[^>]*>)", loop):
@@ -213,19 +221,9 @@ def test_nk_xw_lowers_to_unary_asm_on_transposed_tiles():
     transpose of decoded values (on Hopper a warp-level MMA: no warpgroup waits; session 12)."""
     import re
 
-    from benchmarks.sass_count import capture_ttir
-
-    nk = _nk_weight(1024, 128, 16)
-    x = jnp.zeros((16, 1024), jnp.bfloat16)
-    ir = capture_ttir(x, nk, _cfg(block_n=128, split_k=1, dot_order="xw"))
-    asm = re.findall(
-        r"tt\.elementwise_inline_asm .*\{constraints = \"([^\"]*)\", packed_element = (\d+).* : "
-        r"(tensor<[^>]*>) -> (tensor<[^>]*>)",
-        ir,
-    )
+    asm, loop = _nk_ir("xw")
     assert len(asm) == 32, len(asm)
     assert set(asm) == {("=r,r", "2", "tensor<16x128xi16>", "tensor<16x128xbf16>")}
-    loop = ir[ir.index("scf.for") : ir.index("scf.yield")]
     assert "arith.truncf" not in loop
     trans = re.findall(r"tt\.trans %\S+ .*: (tensor<[^>]*>) -> (tensor<[^>]*>)", loop)
     words = [t for t in trans if "i16" in t[0]]
