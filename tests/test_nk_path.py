@@ -25,8 +25,21 @@ from pallas_kernels.higgs_matmul.reference import decode_rotated, higgs_matmul_r
 from pallas_kernels.higgs_matmul.repack import kernel_codes, to_nk16, unpack_kernel_words
 
 
+def _sm(k, n_cols, n, **kw):
+    """A random p = 1 weight in sign/magnitude code order; 16-point weights on the Gaussian grid
+    (the 4-bit nk16 decoder needs its magnitudes 2k, 2k + 1 to share a bfloat16 high byte, which
+    the random test grids need not)."""
+    w = signmag_weight(make_weight(k, n_cols, 1, n, **kw))
+    if n == 16:
+        from higgs_jax import grids
+
+        g = np.sort(grids.grid_values(grids.gauss_grid(1, 16))[:, 0])
+        w = _with_grid(w, np.r_[-g[8:], g[8:]])  # g[8 + i] = -g[i], the i-th magnitude
+    return w
+
+
 def _nk_weight(k, n_cols, n, *, g=512, seed=0, h=1):
-    return to_nk16(signmag_weight(make_weight(k, n_cols, 1, n, g=g, seed=seed, h=h)))
+    return to_nk16(_sm(k, n_cols, n, g=g, seed=seed, h=h))
 
 
 def _cfg(**kw) -> Config:
@@ -60,22 +73,37 @@ def test_pack_pair_words_round_trip_and_shape(cb):
     assert 0.4 < float(np.unpackbits(np.asarray(words).view(np.uint8)).mean()) < 0.6
 
 
-def test_plan4_tiles_the_pair_word():
-    """The 4-bit plan puts 4 planes x 2 codes x (3 magnitude bits + 1 sign) on distinct bits, and
-    each plane's rotation brings its signs to the 16-bit results' sign bits (15 and 31)."""
-    seen = []
-    for f, (s, a, b) in enumerate(nkpair.PLAN4):
-        pa, pb, sa, sb = nkpair._positions(4, f)
-        assert ((sa - s) % 32, (sb - s) % 32) == (15, 31)
-        assert [(q - s) % 32 for q in pa] == [4 * a, 4 * a + 1, 4 * a + 2]
-        seen += pa + pb + [sa, sb]
-    assert sorted(seen) == list(range(32))
+def test_4bit_pair_word_holds_the_codes_as_nibbles():
+    """4-bit: nibble 2 f + j of a pair word is plane f's code of unit 2i + j, unchanged (the
+    decoder's selectors are the nibbles themselves)."""
+    rng = np.random.default_rng(7)
+    codes = rng.integers(0, 16, size=(512, 3))
+    rows = np.asarray(nkpair.unblock(nkpair.pack_pair_words(jnp.asarray(codes), 4)))
+    for r, i, col in ((0, 0, 0), (3, 5, 2), (7, 7, 1)):
+        pair = int(rows[r, col, 2 * i]) | int(rows[r, col, 2 * i + 1]) << 16
+        for f in range(4):
+            for j in range(2):
+                got = (pair >> (4 * (2 * f + j))) & 0xF
+                assert got == codes[32 * (2 * i + j) + 4 * r + f, col]
+
+
+def test_4bit_byte_tables_rebuild_every_code():
+    """The low byte indexed by the magnitude and the high byte indexed by ``c >> 1`` rebuild the
+    bfloat16 grid value of every code; a grid whose magnitudes 2k, 2k + 1 straddle a binade
+    pair is refused, naming them."""
+    w = _sm(64, 8, 16)
+    lo, hi = nkpair.byte_tables4(w.grid_values)
+    want = nkpair.table_values(w.grid_values, 4, "bfloat16")
+    assert [lo[c & 7] | hi[c >> 1] << 8 for c in range(16)] == [int(v) for v in want]
+    g = 1.3 * np.asarray(w.grid_values, np.float64)[:, 0]  # 0.167 and 0.504 straddle 1/2
+    with pytest.raises(ValueError, match="magnitudes 0 and 1 of this grid, 0.16"):
+        nkpair.check(tuple((v,) for v in g), 4)
 
 
 def test_to_nk16_keeps_the_codes_and_pads_to_whole_blocks():
-    w = signmag_weight(make_weight(32 * 5 + 7, 24, 1, 16, g=64))  # 6 units: padded to 16
-    w3 = signmag_weight(make_weight(32 * 3, 24, 1, 4, g=32))  # 3 units: padded to 16
-    w32 = signmag_weight(make_weight(32 * 32, 24, 1, 4, g=32))  # 32 units: two whole blocks
+    w = _sm(32 * 5 + 7, 24, 16, g=64)  # 6 units: padded to 16
+    w3 = _sm(32 * 3, 24, 4, g=32)  # 3 units: padded to 16
+    w32 = _sm(32 * 32, 24, 4, g=32)  # 32 units: two whole blocks
     for kw in (w, w3, w32):
         nk = to_nk16(kw)
         assert nk.layout == "nk16" and nk.units == kw.units + -kw.units % 16
@@ -92,12 +120,11 @@ def test_to_nk16_keeps_the_codes_and_pads_to_whole_blocks():
 
 
 # -- decoder ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [4, 16])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("n,dtype", [(4, "bfloat16"), (4, "float16"), (16, "bfloat16")])
 def test_nkpair_ptx_matches_emulation_and_grid(n, dtype):
     """Every plane's PTX gives, for random pair words, the bits `emulate_pairs` gives, and those
     are the grid values (rounded to the dtype) of the codes `pack_pair_words` stored."""
-    w = signmag_weight(make_weight(64, 8, 1, n))
+    w = _sm(64, 8, n)
     cb = w.code_bits
     rng = np.random.default_rng(n)
     codes = rng.integers(0, n, size=(512, 32))  # 16 units (one block) x 32 columns
@@ -120,18 +147,24 @@ def test_nkpair_ptx_matches_emulation_and_grid(n, dtype):
 
 
 def test_nkpair_op_counts():
-    """The decode costs: 2-bit 3-4 ops per two weights (one is a multiply-add), 4-bit 5-7."""
+    """The decode costs: 2-bit 3-4 ops per two weights (one is a multiply-add); 4-bit, per plane
+    6 or 8 ops, of which 13 distinct per pair word (the first three are the same in every plane,
+    the two shifts in planes 2 and 3, the table lookups in planes 0/1 and 2/3)."""
     w2 = make_weight(64, 8, 1, 4)
-    w4 = signmag_weight(make_weight(64, 8, 1, 16))
+    w4 = _sm(64, 8, 16)
     n2 = [len(nkpair.program(w2.grid_values, 2, f)) for f in range(8)]
     n4 = [len(nkpair.program(w4.grid_values, 4, f)) for f in range(4)]
-    assert n2 == [3] + [4] * 7 and n4 == [6, 7, 7, 7], (n2, n4)
+    assert n2 == [3] + [4] * 7 and n4 == [6, 6, 8, 8], (n2, n4)
+    progs = [nkpair.program(w4.grid_values, 4, f) for f in range(4)]
+    assert all(pr[:3] == progs[0][:3] for pr in progs)  # selectors of all eight codes
+    assert progs[0][:5] == progs[1][:5] and progs[2][:7] == progs[3][:7]  # shared lookups
+    # so 3 + 2 (shifts) + 2 x 2 (lookups) + 4 (interleaves) = 13 distinct ops per pair word
 
 
 # -- the op -------------------------------------------------------------------------------------
 NK_CASES = [  # (n, m, k, n_cols, block_m, mma_m, dtype, h)
     (4, 1, 32 * 16 * 2 + 9, 40, 16, 0, jnp.bfloat16, 1),
-    (16, 5, 32 * 16 * 3, 40, 16, 0, jnp.float16, 1),
+    (16, 5, 32 * 16 * 3, 40, 16, 0, jnp.bfloat16, 1),
     (16, 40, 1024, 128, 64, 16, jnp.bfloat16, 64),
     (4, 70, 1000, 72, 64, 32, jnp.float16, 1),
     (16, 16, 2048, 64, 16, 0, jnp.bfloat16, 512),
@@ -144,7 +177,7 @@ def test_nk_matches_reference(n, m, k, n_cols, block_m, mma_m, dtype, h, order):
     """The "nk" path in both operand orders (odd K, padded and masked rows / columns, sub-dots,
     bf16 and f16, Hadamard rotations) against the f32 reference on the original weight and the
     plane kernel's dot path."""
-    w = signmag_weight(make_weight(k, n_cols, 1, n, g=512, seed=m, h=h))
+    w = _sm(k, n_cols, n, g=512, seed=m, h=h)
     nk = to_nk16(w)
     x = jnp.asarray(np.random.default_rng(m).normal(size=(m, k)), dtype)
     cfg = _cfg(block_m=block_m, mma_m=mma_m, dot_order=order)
@@ -165,7 +198,7 @@ def test_nk_matches_reference(n, m, k, n_cols, block_m, mma_m, dtype, h, order):
 @pytest.mark.parametrize("n", [4, 16])
 def test_nk_identity_is_exact(n, order):
     """x = I returns every weight exactly: its 16-bit table value times the scale."""
-    w = signmag_weight(make_weight(1024, 64, 1, n, g=512, seed=6))
+    w = _sm(1024, 64, n, g=512, seed=6)
     vals = nkpair.table_values(w.grid_values, w.code_bits, "bfloat16").astype(np.uint16)
     w_eff = _with_grid(w, vals.view(jnp.bfloat16).astype(np.float32))
     nk = to_nk16(w)
@@ -235,7 +268,7 @@ def test_nk_xw_lowers_to_unary_asm_on_transposed_tiles():
 def test_nk16_problem_names_what_the_nk_path_cannot_take():
     from pallas_kernels.higgs_matmul.repack import nk16_problem, repack
 
-    assert nk16_problem(repack(signmag_weight(make_weight(1024, 16, 1, 16, g=512)))) is None
+    assert nk16_problem(repack(_sm(1024, 16, 16, g=512))) is None
     assert nk16_problem(repack(make_weight(1024, 16, 1, 4, g=1024))) is None
     assert nk16_problem(repack(make_weight(1024, 16, 2, 16))) == "p=2 (nk16 holds p = 1 codes)"
     assert "got 3-bit codes" in nk16_problem(repack(make_weight(1024, 16, 1, 8)))
@@ -255,7 +288,7 @@ def test_nk_config_defaults():
 
 def test_nk_bad_input():
     nk = _nk_weight(1024, 16, 16)
-    kn = signmag_weight(make_weight(1024, 16, 1, 16, g=512))
+    kn = _sm(1024, 16, 16, g=512)
     x = jnp.zeros((16, 1024), jnp.bfloat16)
     with pytest.raises(
         ValueError, match="path='nk' reads the nk16 weight layout, but this weight is in the 'kn'"
@@ -283,6 +316,14 @@ def test_nk_bad_input():
         ValueError, match="produces one of \\('bfloat16', 'float16'\\), got 'float32'"
     ):
         nkpair.ptx(nk.grid_values, 4, 0, "float32")
+    with pytest.raises(ValueError, match="4-bit codes decode to bfloat16 only .*no float16 form"):
+        nkpair.ptx(nk.grid_values, 4, 0, "float16")
+    with pytest.raises(ValueError, match="4-bit nk16 weights decode to bfloat16 only, got float16"):
+        higgs_matmul_pallas(x.astype(jnp.float16), nk, config=_cfg(), interpret=True)
+    from pallas_kernels.higgs_matmul import can_use_pallas
+
+    ok, why = can_use_pallas(x.astype(jnp.float16), nk)
+    assert not ok and "4-bit nk16 weights decode to bfloat16 only" in why
     with pytest.raises(ValueError, match="codes need a multiple of 512 k rows, got 96"):
         nkpair.pack_pair_words(jnp.zeros((96, 4), jnp.int32), 2)
     with pytest.raises(ValueError, match="whole blocks of 16 units, got 6 units"):
@@ -303,7 +344,7 @@ gpu = pytest.mark.skipif(not _on_gpu(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("m", [1, 3, 16, 64, 100])
 def test_gpu_nk_default_config(n, m):
     """Default nk configs on the GPU (warpgroup MMA from registers) against the reference."""
-    w = signmag_weight(make_weight(4096, 512, 1, n, g=512, seed=m))
+    w = _sm(4096, 512, n, g=512, seed=m)
     x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
     y = higgs_matmul_pallas(x, to_nk16(w))
     r = higgs_matmul_reference(x.astype(jnp.float32), w)
@@ -317,7 +358,7 @@ def test_gpu_nk_default_config(n, m):
 def test_gpu_nk_xw(n, m, mma_m):
     """dot_order="xw" on the GPU (warp-level MMAs, the decoded plane as the second operand in
     registers): the pairs the asm sees must be units 2i, 2i + 1, or this fails."""
-    w = signmag_weight(make_weight(4096, 512, 1, n, g=512, seed=m))
+    w = _sm(4096, 512, n, g=512, seed=m)
     x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
     cfg = dataclasses.replace(nk_config(m, 4096, 512), dot_order="xw", mma_m=mma_m)
     y = higgs_matmul_pallas(x, to_nk16(w), config=cfg)

@@ -32,13 +32,22 @@ both codes where the byte permutes want them:
   nibbles A, A + 4, B, B + 4); ``out = prmt(LO, HI, sel)`` with the four low bytes and the four
   high bytes of the 16-bit grid values as the two table registers: (lo_A, hi_A, lo_B, hi_B) are
   the two values. Three integer-pipe ops and one multiply-add per two weights.
-- cb = 4 (16-point grids in sign/magnitude order, `regtab.grid_order` "signmag"): each code is a
-  magnitude index (3 bits) and a sign (1 = negative here). Plane f rotates P right by s_f (`PLAN4`);
-  afterwards A's magnitude is nibble a_f (bits 0-2 of it), B's nibble b_f, A's sign bit 15 and B's
-  sign bit 31, i.e. already the sign bits of the two 16-bit results. Decode: mask the two
-  nibbles, look the high and low bytes up (two prmt over 8-entry tables), interleave them with a
-  third prmt and OR in ``t & 0x80008000``. Six ops per two weights (five for the unrotated plane);
-  the session-10 decoder of the (U, cb, N) layout took 9-10.
+- cb = 4 (16-point grids in sign/magnitude order, `regtab.grid_order` "signmag", decoded to
+  bfloat16): nibble 2 f + j of P is the code of plane f of unit A (j = 0) or B (j = 1), stored as
+  is (bit 3 = 1 for the positive half, bits 0-2 the magnitude index m). A bfloat16's low byte
+  (exponent LSB + 7 mantissa bits) depends only on |v|, its high byte (sign + 7 exponent bits) on
+  the sign and on which of [2^-3, 2^-1), [2^-1, 2), [2, 8), ... holds |v|. For the Gaussian
+  16-point grid the magnitudes pair up: m = 2k and 2k + 1 lie in one such range (`check` tests
+  it), so the high byte is a function of the three bits (sign, m2, m1), i.e. of ``c >> 1``. Both
+  byte tables have eight entries, one prmt each looks up four codes: with
+  ``a = P & 0x77777777`` (low-byte selectors) and ``b = (P >> 1) & 0x77777777`` (high-byte
+  selectors), planes 0 and 1 read the low halves, planes 2 and 3 the high halves (``>> 16``);
+  ``l = prmt(LO, a)``, ``h = prmt(HI, b)``, and one interleaving prmt per plane,
+  (l0, h0, l1, h1) or (l2, h2, l3, h3), gives the plane's two values. Each plane's PTX block
+  repeats the shared ops; ptxas merges them, so a pair word costs 13 integer-pipe ops for its
+  eight weights (session 13; the session-12 plan with rotations and a sign OR took 6 per two).
+  Sessions 11-12 stored signs and magnitudes at rotated positions (`PLAN4`, removed), for
+  float16 too; the high-byte table has no float16 form (its high byte holds two mantissa bits).
 
 Values are the grid rounded to the activation dtype (bf16 or f16, nearest even), so `emulate`
 (interpret mode, the same op list run by jax.numpy) reproduces the GPU bit for bit.
@@ -59,10 +68,11 @@ LAYOUT = "nk16"
 #: Units per block of the stored layout: the "nk" path reads one block per loop step.
 BLOCK_UNITS = 16
 
-#: cb = 4: per plane f of a row, (rotation s_f, nibble a_f of code A, nibble b_f of code B). Any
-#: plan works if the eight magnitude nibbles and the eight sign bits it implies are distinct
-#: (`_check_plan4`); this one was found by exhaustive search.
-PLAN4 = ((0, 0, 1), (4, 1, 2), (12, 1, 2), (24, 0, 1))
+#: cb = 4: selector mask of the eight nibbles (bit 3 of a prmt selector nibble means "sign
+#: mode", so it is cleared).
+NIBBLE_MASK = 0x77777777
+#: cb = 4, plane f: the interleaving prmt's selector, (lo, hi, lo, hi) of the plane's two codes.
+INTERLEAVE4 = (0x5140, 0x7362, 0x5140, 0x7362)
 #: cb = 2: per plane f, the right shift that brings its two codes to bits 0-1 and 8-9.
 SHIFTS2 = (0, 2, 4, 6, 16, 18, 20, 22)
 
@@ -73,27 +83,13 @@ def planes_per_row(cb: int) -> int:
     return 16 // cb
 
 
-def _positions(cb: int, f: int) -> tuple[list[int], list[int], int | None, int | None]:
-    """Bit positions in the pair word P of plane f's code A and code B (low bit first; 4-bit: the
-    3 magnitude bits) and of their sign bits (4-bit only; None for cb = 2)."""
+def _positions(cb: int, f: int) -> tuple[list[int], list[int]]:
+    """Bit positions in the pair word P of plane f's code A and code B (low bit first)."""
     if cb == 2:
         s = SHIFTS2[f]
-        return [s, s + 1], [s + 8, s + 9], None, None
-    s, a, b = PLAN4[f]
-    mag = lambda nib: [(4 * nib + i + s) % 32 for i in range(3)]
-    return mag(a), mag(b), (15 + s) % 32, (31 + s) % 32
-
-
-def _check_plan4() -> None:
-    used: list[int] = []
-    for f in range(4):
-        pa, pb, sa, sb = _positions(4, f)
-        used += pa + pb + [sa, sb]
-    if sorted(used) != list(range(32)):  # pragma: no cover - a broken constant
-        raise AssertionError(f"PLAN4 does not tile the 32 bits: {sorted(used)}")
-
-
-_check_plan4()
+        return [s, s + 1], [s + 8, s + 9]
+    na, nb = 4 * (2 * f), 4 * (2 * f + 1)
+    return list(range(na, na + 4)), list(range(nb, nb + 4))
 
 
 # ------------------------------------------------------------------------------------ packing
@@ -133,17 +129,10 @@ def pack_pair_words(codes, cb: int):
         word = jnp.zeros((units // 2, ncols), jnp.uint32)
         for f in range(F):
             plane = r * F + f
-            pa, pb, sa, sb = _positions(cb, f)
-            for pos, sign, code in ((pa, sa, c[:, 0, plane]), (pb, sb, c[:, 1, plane])):
-                if cb == 4:
-                    mag, neg = code & 7, 1 - (code >> 3)  # sign/magnitude: code < 8 negative
-                    bits = [(mag >> i) & 1 for i in range(3)] + [neg]
-                    places = pos + [sign]
-                else:
-                    bits = [code & 1, (code >> 1) & 1]
-                    places = pos
-                for bit, place in zip(bits, places):
-                    word = word | (bit.astype(jnp.uint32) << np.uint32(place))
+            pa, pb = _positions(cb, f)
+            for pos, code in ((pa, c[:, 0, plane]), (pb, c[:, 1, plane])):
+                for i, place in enumerate(pos):
+                    word = word | (((code >> i) & 1) << np.uint32(place))
         lo = (word & 0xFFFF).astype(jnp.uint16)
         hi = (word >> 16).astype(jnp.uint16)
         rows.append(jnp.stack([lo, hi], axis=1).reshape(units, ncols).T)  # (N, U)
@@ -162,12 +151,9 @@ def unpack_pair_words(stored, cb: int):
     out = jnp.zeros((units // 2, 2, 32, ncols), jnp.uint32)
     for r in range(R):
         for f in range(F):
-            pa, pb, sa, sb = _positions(cb, f)
-            for ab, pos, sign in ((0, pa, sa), (1, pb, sb)):
+            pa, pb = _positions(cb, f)
+            for ab, pos in ((0, pa), (1, pb)):
                 v = sum(((pair[r] >> np.uint32(p)) & 1) << i for i, p in enumerate(pos))
-                if cb == 4:
-                    neg = (pair[r] >> np.uint32(sign)) & 1
-                    v = v | ((1 - neg) << 3)
                 out = out.at[:, ab, r * F + f, :].set(v.T)
     return out.reshape(units * 32, ncols).astype(jnp.int32)
 
@@ -179,11 +165,21 @@ def check(grid_values, cb: int) -> None:
     g = _regtab._grid_1d(grid_values)
     if g.size != 1 << cb:
         raise ValueError(f"nk16: a {cb}-bit code needs {1 << cb} grid points, got {g.size}")
-    if cb == 4 and _regtab.grid_order(grid_values) != "signmag":
-        raise ValueError(
-            "nk16 needs a 16-point grid in sign/magnitude order (g[8 + i] = -g[i] > 0), got "
-            f"order {_regtab.grid_order(grid_values)!r}"
-        )
+    if cb == 4:
+        if _regtab.grid_order(grid_values) != "signmag":
+            raise ValueError(
+                "nk16 needs a 16-point grid in sign/magnitude order (g[8 + i] = -g[i] > 0), got "
+                f"order {_regtab.grid_order(grid_values)!r}"
+            )
+        bits = _pairdec.table_values(grid_values, cb, "bfloat16").astype(np.int64) >> 8
+        for k in range(4):
+            if bits[8 + 2 * k] != bits[8 + 2 * k + 1]:
+                raise ValueError(
+                    "nk16 4-bit decoding needs magnitudes 2k and 2k + 1 to share a bfloat16 "
+                    f"high byte (one binade pair [2^(2j-1), 2^(2j+1))); magnitudes {2 * k} and "
+                    f"{2 * k + 1} of this grid, {g[8 + 2 * k]:.6g} and {g[8 + 2 * k + 1]:.6g}, "
+                    "do not"
+                )
 
 
 def table_values(grid_values, cb: int, dtype: str) -> np.ndarray:
@@ -193,13 +189,23 @@ def table_values(grid_values, cb: int, dtype: str) -> np.ndarray:
     return _pairdec.table_values(grid_values, cb, dtype)
 
 
+def byte_tables4(grid_values) -> tuple[list[int], list[int]]:
+    """cb = 4: the eight low bytes (index m, the magnitude) and eight high bytes (index
+    ``c >> 1`` = (sign bit, m2, m1)) of the bfloat16 grid values."""
+    bits = [int(b) for b in table_values(grid_values, 4, "bfloat16")]
+    lo = [bits[8 + m] & 0xFF for m in range(8)]
+    hi = [bits[2 * j] >> 8 for j in range(8)]  # code 2j and 2j + 1 share it (`check`)
+    return lo, hi
+
+
 @functools.lru_cache(maxsize=256)
 def _program_cached(key: tuple[float, ...], cb: int, f: int, dtype: str) -> tuple[Op, ...]:
-    bits = table_values(tuple((v,) for v in key), cb, dtype)
+    grid = tuple((v,) for v in key)
     ops: list[Op] = []
     emit = lambda op, dst, *srcs: ops.append(Op(op, dst, srcs))
     pack = _regtab._pack_bytes
     if cb == 2:
+        bits = table_values(grid, cb, dtype)
         lo, hi = pack([b & 0xFF for b in bits]), pack([b >> 8 for b in bits])
         src = "P"
         if SHIFTS2[f]:
@@ -209,19 +215,19 @@ def _program_cached(key: tuple[float, ...], cb: int, f: int, dtype: str) -> tupl
         emit("mad", "m", "m", 0x11, 0x4040)  # selector nibbles (A, A + 4, B, B + 4)
         emit("prmt", "out", lo, hi, "m")
         return tuple(ops)
-    mags = bits[8:]  # sign/magnitude order: codes 8 + i are the positive magnitudes
-    lo, hi = [int(b) & 0xFF for b in mags], [int(b) >> 8 for b in mags]
-    s, a, b = PLAN4[f]
-    src = "P"
-    if s:
-        emit("rotr", "t", "P", s)
-        src = "t"
-    emit("and", "m", src, (7 << 4 * a) | (7 << 4 * b))
-    emit("prmt", "h", pack(hi[:4]), pack(hi[4:]), "m")
-    emit("prmt", "l", pack(lo[:4]), pack(lo[4:]), "m")
-    emit("prmt", "v", "l", "h", a | (4 + a) << 4 | b << 8 | (4 + b) << 12)
-    emit("and", "sg", src, 0x80008000)
-    emit("or", "out", "v", "sg")  # ptxas fuses this and the and above into one LOP3
+    lo, hi = byte_tables4(grid)
+    # the same first ops in every plane's block: ptxas computes them once per pair word
+    emit("and", "a", "P", NIBBLE_MASK)
+    emit("shr", "t", "P", 1)
+    emit("and", "b", "t", NIBBLE_MASK)
+    sa, sb = "a", "b"
+    if f >= 2:
+        emit("shr", "a2", "a", 16)
+        emit("shr", "b2", "b", 16)
+        sa, sb = "a2", "b2"
+    emit("prmt", "l", pack(lo[:4]), pack(lo[4:]), sa)
+    emit("prmt", "h", pack(hi[:4]), pack(hi[4:]), sb)
+    emit("prmt", "out", "l", "h", INTERLEAVE4[f])
     return tuple(ops)
 
 
@@ -234,6 +240,11 @@ def program(grid_values, cb: int, field: int, dtype: str = "bfloat16") -> tuple[
         )
     if dtype not in DTYPES:
         raise ValueError(f"nk16 decoding produces one of {DTYPES}, got {dtype!r}")
+    if cb == 4 and dtype != "bfloat16":
+        raise ValueError(
+            f"nk16 4-bit codes decode to bfloat16 only (the high-byte table has no {dtype} "
+            "form); pass bfloat16 activations or keep the weight in the default layout"
+        )
     key = tuple(float(v) for v in _regtab._grid_1d(grid_values))
     return _program_cached(key, cb, field, dtype)
 

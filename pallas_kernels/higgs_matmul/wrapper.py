@@ -72,6 +72,12 @@ def _problems(x, w, *, check_backend: bool) -> list[str]:
         out.append(f"x has last dim {x.shape[-1]} but the weight has K={k}")
     if not any(x.dtype == d for d in _DTYPES):
         out.append(f"x dtype {x.dtype} unsupported (bfloat16, float16, float32)")
+    elif (
+        getattr(w, "layout", None) == _nkpair.LAYOUT
+        and w.code_bits == 4
+        and x.dtype == jnp.float16
+    ):
+        out.append("4-bit nk16 weights decode to bfloat16 only, got float16 activations")
     m = int(np.prod(x.shape[:-1])) if x.ndim > 1 else 1
     if m > MAX_M:
         out.append(f"M={m} rows exceeds the supported maximum {MAX_M}")
@@ -362,9 +368,9 @@ def _default_for(kw: KernelPackedWeight, m: int) -> Config:
     return cfg
 
 
-def _check_layout(kw: KernelPackedWeight, cfg: Config) -> None:
+def _check_layout(kw: KernelPackedWeight, cfg: Config, dot_dtype=jnp.bfloat16) -> None:
     """The nk16 layout and the "nk" path go together; the path reads one stored block per step
-    and scales whole tiles."""
+    and scales whole tiles; 4-bit nk16 codes decode to bfloat16 only (`nkpair`)."""
     nk = kw.layout == _nkpair.LAYOUT
     if nk != (cfg.path == "nk"):
         raise ValueError(
@@ -381,6 +387,12 @@ def _check_layout(kw: KernelPackedWeight, cfg: Config) -> None:
         raise ValueError(
             f"path='nk' scales whole tiles: the group size {kw.group_size} must be a multiple of "
             f"block_k={cfg.block_k}"
+        )
+    if nk and kw.code_bits == 4 and jnp.dtype(dot_dtype) != jnp.bfloat16:
+        raise ValueError(
+            "4-bit nk16 weights decode to bfloat16 only, got "
+            f"{jnp.dtype(dot_dtype).name} activations; pass bfloat16 (or float32) activations or "
+            "keep this weight in the default layout"
         )
 
 
@@ -410,7 +422,7 @@ def launch_kernel(
             f"scale group (group size {kw.group_size} a multiple of block_k={cfg.block_k}); got "
             f"path={cfg.path!r}, tile_scale={cfg.tile_scale}"
         )
-    _check_layout(kw, cfg)
+    _check_layout(kw, cfg, g["xdt"])
     common = dict(
         cb=cb,
         units=units,
