@@ -155,3 +155,15 @@ def test_bad_variant_value_is_named(capsys, tmp_path):
         tile_sweep.main(["--out", str(tmp_path), "--variants", "num_warps=3"])
     err = capsys.readouterr().err
     assert "'num_warps=3'" in err and "num_warps must be a positive power of two, got 3" in err
+
+
+def test_ncu_nk_smoke_runs_the_nk_path_with_overrides(capsys):
+    """benchmarks/ncu_nk.py (the launcher for Nsight Compute) runs the nk path in interpret mode
+    with a config override and reports a finite result; a bad override names the field."""
+    from benchmarks import ncu_nk
+
+    ncu_nk.main(["--smoke", "--bits", "2", "--set", "split_k=1"])
+    out = capsys.readouterr().out
+    assert "nk 2-bit 1024x256 M=16" in out and "split_k=1" in out and "finite=True" in out
+    with pytest.raises(ValueError, match="'splitk=1'"):
+        ncu_nk.main(["--smoke", "--set", "splitk=1"])
