@@ -1,9 +1,9 @@
 """Launch the "nk" path once (after a warm-up) for Nsight Compute: one p = 1 weight in the nk16
 layout, `nk_config` with optional overrides.
 
-Usage (GPU; the Pallas kernel is the launch whose name contains "nk_kernel"):
+Usage (GPU; the Pallas kernel's launch is named higgs_matmul_p1_cb{2,4}_nk[_xw]):
   ncu --section SpeedOfLight --section Occupancy --section WarpStateStats \\
-      --section SchedulerStats -k regex:nk_kernel \\
+      --section SchedulerStats -k regex:higgs_matmul \\
       python benchmarks/ncu_nk.py --bits 4 --shape 8192x28672 --m 16 [--set split_k=2 ...]
 CPU smoke (interpret mode, small shape): python benchmarks/ncu_nk.py --smoke
 """

@@ -368,9 +368,10 @@ def _default_for(kw: KernelPackedWeight, m: int) -> Config:
     return cfg
 
 
-def _check_layout(kw: KernelPackedWeight, cfg: Config, dot_dtype=jnp.bfloat16) -> None:
+def _check_layout(kw: KernelPackedWeight, cfg: Config) -> None:
     """The nk16 layout and the "nk" path go together; the path reads one stored block per step
-    and scales whole tiles; 4-bit nk16 codes decode to bfloat16 only (`nkpair`)."""
+    and scales whole tiles. (4-bit nk16 needs bfloat16 activations: `_problems` says so for the
+    public entry points, `nkpair.program` for a direct kernel launch.)"""
     nk = kw.layout == _nkpair.LAYOUT
     if nk != (cfg.path == "nk"):
         raise ValueError(
@@ -387,12 +388,6 @@ def _check_layout(kw: KernelPackedWeight, cfg: Config, dot_dtype=jnp.bfloat16) -
         raise ValueError(
             f"path='nk' scales whole tiles: the group size {kw.group_size} must be a multiple of "
             f"block_k={cfg.block_k}"
-        )
-    if nk and kw.code_bits == 4 and jnp.dtype(dot_dtype) != jnp.bfloat16:
-        raise ValueError(
-            "4-bit nk16 weights decode to bfloat16 only, got "
-            f"{jnp.dtype(dot_dtype).name} activations; pass bfloat16 (or float32) activations or "
-            "keep this weight in the default layout"
         )
 
 
@@ -422,7 +417,7 @@ def launch_kernel(
             f"scale group (group size {kw.group_size} a multiple of block_k={cfg.block_k}); got "
             f"path={cfg.path!r}, tile_scale={cfg.tile_scale}"
         )
-    _check_layout(kw, cfg, g["xdt"])
+    _check_layout(kw, cfg)
     common = dict(
         cb=cb,
         units=units,
