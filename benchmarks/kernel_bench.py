@@ -199,21 +199,22 @@ def weight_bytes(kw: KernelPackedWeight) -> int:
 
 
 PATH_CONFIGS = {
-    "default": default_config,
-    "wide": wide_config,
-    "nk": lambda m, k, n, p, bits: nk_config(m, k, n),
+    "default": lambda m, k, n, p, bits, n_grid: default_config(m, k, n, p, bits),
+    "wide": lambda m, k, n, p, bits, n_grid: wide_config(m, k, n, p, bits),
+    "nk": lambda m, k, n, p, bits, n_grid: nk_config(m, k, n, code_bits=n_grid.bit_length() - 1),
 }
 #: Grids (p, n) the "nk" path (weights converted once with `to_nk16`) takes: p = 1, 2/4 bits.
 NK_GRIDS = ((1, 4), (1, 16))
 
 
-def path_config(path: str, m: int, k: int, n_cols: int, p: int):
+def path_config(path: str, m: int, k: int, n_cols: int, p: int, n_grid: int):
     """The config a --paths entry times: `default_config`, `wide_config` or `nk_config`.
 
     bits = 0 as this script always passed to `default_config` (so its 2-bit split doubling is
-    off here, unlike the wrapper's default); `wide_config` and `nk_config` do not use bits.
+    off here, unlike the wrapper's default); `wide_config` does not use bits, `nk_config` takes
+    the code width from the grid size ``n_grid``.
     """
-    return PATH_CONFIGS[path](m, k, n_cols, p, 0)
+    return PATH_CONFIGS[path](m, k, n_cols, p, 0, n_grid)
 
 
 def layout_for(kw: KernelPackedWeight, cfg) -> KernelPackedWeight:
@@ -233,7 +234,7 @@ def correctness(cases, interpret: bool) -> list[dict]:
         path = case[3] if len(case) > 3 else "default"
         kw = random_weight(jax.random.key(p * 1000 + n + m), 1536, 384, p, n)
         x = jax.random.normal(jax.random.key(m), (m, 1536), jnp.bfloat16)
-        cfg = dataclasses.replace(path_config(path, m, 1536, 384, p), decode=decode)
+        cfg = dataclasses.replace(path_config(path, m, 1536, 384, p, n), decode=decode)
         kw = layout_for(kw, cfg)
         y = higgs_matmul_pallas(x, kw, config=cfg, interpret=interpret)
         r = higgs_matmul_reference(x.astype(jnp.float32), kw)
@@ -497,7 +498,7 @@ def _main(argv=None) -> int:
             for (p, n), path in [(g, path) for g in GRIDS for path in paths]:
                 if path == "nk" and (p, n) not in NK_GRIDS:
                     continue  # the nk16 layout holds p = 1 codes of 2 or 4 bits only
-                cfg = path_config(path, m, k, n_cols, p)
+                cfg = path_config(path, m, k, n_cols, p, n)
                 if path == "default" and p == 1:
                     # the wrapper's default picks its decoder from the code width (session 11:
                     # "regpair" for 16-row blocks of 2- and 4-bit codes), which bits = 0 hides

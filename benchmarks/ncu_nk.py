@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     k, n = (1024, 256) if a.smoke else map(int, a.shape.split("x"))
     w = jax.jit(to_nk16)(random_weight(jax.random.key(0), k, n, 1, 1 << a.bits))
-    cfg = nk_config(a.m, k, n)
+    cfg = nk_config(a.m, k, n, code_bits=a.bits)
     for item in a.set:
         cfg = dataclasses.replace(cfg, **parse_variant(item))
     x = jax.random.normal(jax.random.key(1), (a.m, k), jnp.bfloat16)

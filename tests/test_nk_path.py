@@ -194,6 +194,29 @@ def test_nk_matches_reference(n, m, k, n_cols, block_m, mma_m, dtype, h, order):
     assert rel_err(yd, r) < 1e-2, rel_err(yd, r)
 
 
+@pytest.mark.parametrize(
+    "n,row_steps,order,m,split",
+    [(16, 2, "xw", 16, 2), (16, 8, "xw", 3, 1), (4, 4, "xw", 20, 2), (4, 2, "wx", 1, 1), (16, 4, "wx", 40, 2)],
+)
+def test_nk_row_steps_match_whole_block_steps(n, row_steps, order, m, split):
+    """row_steps > 1 splits each stored block's word rows over loop steps (a smaller pipeline
+    stage); the sums are the same as with whole-block steps, up to f32 rounding order, and match
+    the reference (odd K, masked columns, split-K, several blocks per program)."""
+    k, n_cols = 32 * 16 * 4 + 5, 72
+    w = _sm(k, n_cols, n, g=512, seed=row_steps)
+    nk = to_nk16(w)
+    x = jnp.asarray(np.random.default_rng(m).normal(size=(m, k)), jnp.bfloat16)
+    bm = 64 if m > 16 else 16
+    cfg = _cfg(dot_order=order, split_k=split, block_m=bm, mma_m=16 if bm == 64 and order == "xw" else 0)
+    y1 = higgs_matmul_pallas(x, nk, config=cfg, interpret=not _on_gpu())
+    ys = higgs_matmul_pallas(
+        x, nk, config=dataclasses.replace(cfg, row_steps=row_steps), interpret=not _on_gpu()
+    )
+    r = higgs_matmul_reference(x.astype(jnp.float32), w)
+    assert rel_err(ys, r) < 1e-2, rel_err(ys, r)
+    assert rel_err(ys, y1) < 2e-3, rel_err(ys, y1)
+
+
 @pytest.mark.parametrize("order", ["wx", "xw"])
 @pytest.mark.parametrize("n", [4, 16])
 def test_nk_identity_is_exact(n, order):
@@ -265,6 +288,25 @@ def test_nk_xw_lowers_to_unary_asm_on_transposed_tiles():
     assert [t for t in trans if "i16" not in t[0]] == [("tensor<128x1xf32>", "tensor<1x128xf32>")]
 
 
+@pytest.mark.parametrize("row_steps", [1, 2, 8])
+def test_nk_row_steps_split_the_loop_body(row_steps):
+    """The Triton IR of a 4-bit nk kernel with row_steps = r: each loop step loads 8 / r word
+    tiles and runs 32 / r plane dots (it lowers at all: jnp's // and % on the loop index did
+    not)."""
+    import re
+
+    from benchmarks.sass_count import capture_ttir
+
+    nk = _nk_weight(2048, 128, 16)
+    x = jnp.zeros((16, 2048), jnp.bfloat16)
+    cfg = _cfg(block_n=128, split_k=1, dot_order="xw", row_steps=row_steps, num_stages=3)
+    ir = capture_ttir(x, nk, cfg)
+    loop = ir[ir.index("scf.for") : ir.index("scf.yield")]
+    words = re.findall(r"tt\.load .*-> tensor<128x16xi16>|tt\.load .*: tensor<128x16x!tt\.ptr<i16>>", loop)
+    assert len(words) == 8 // row_steps, words
+    assert len(re.findall(r"tt\.dot ", loop)) == 32 // row_steps
+
+
 def test_nk16_problem_names_what_the_nk_path_cannot_take():
     from pallas_kernels.higgs_matmul.repack import nk16_problem, repack
 
@@ -278,8 +320,13 @@ def test_nk16_problem_names_what_the_nk_path_cannot_take():
 
 
 def test_nk_config_defaults():
-    c1, c64 = nk_config(1, 8192, 28672), nk_config(64, 4096, 4096)
-    assert (c1.path, c1.block_m, c1.block_k, c1.num_stages) == ("nk", 16, 512, 2)
+    c1, c64 = nk_config(1, 8192, 28672, code_bits=4), nk_config(64, 4096, 4096, code_bits=4)
+    assert (c1.path, c1.block_m, c1.block_k, c1.num_stages, c1.row_steps) == ("nk", 16, 512, 3, 2)
+    c2 = nk_config(16, 8192, 28672, code_bits=2)
+    assert (c2.num_stages, c2.row_steps) == (2, 1)
+    # wider blocks: 8 planes per step for either code width, double-buffered
+    assert (c64.num_stages, c64.row_steps) == (3, 4)
+    assert nk_config(33, 4096, 4096, code_bits=2).row_steps == 4
     assert c64.block_m == 64 and c64.split_k >= 1
     # the grid reaches the program target where K allows it
     assert (28672 // c1.block_n) * c1.split_k >= 528
@@ -320,6 +367,14 @@ def test_nk_bad_input():
         nkpair.ptx(nk.grid_values, 4, 0, "float16")
     with pytest.raises(ValueError, match="4-bit nk16 weights decode to bfloat16 only, got float16"):
         higgs_matmul_pallas(x.astype(jnp.float16), nk, config=_cfg(), interpret=True)
+    with pytest.raises(ValueError, match="row_steps=8 must divide the 4 word rows of a 2-bit"):
+        higgs_matmul_pallas(x, _nk_weight(1024, 16, 4), config=_cfg(row_steps=8), interpret=True)
+    with pytest.raises(ValueError, match="holds 2- and 4-bit codes, got code_bits=3"):
+        nk_config(16, 1024, 16, code_bits=3)
+    with pytest.raises(ValueError, match="row_steps must be 1, 2, 4 or 8, got 3"):
+        _cfg(row_steps=3)
+    with pytest.raises(ValueError, match="row_steps=2 splits the loop steps of path='nk', got "):
+        _cfg(row_steps=2, path="dot")
     from pallas_kernels.higgs_matmul import can_use_pallas
 
     ok, why = can_use_pallas(x.astype(jnp.float16), nk)
@@ -360,7 +415,23 @@ def test_gpu_nk_xw(n, m, mma_m):
     registers): the pairs the asm sees must be units 2i, 2i + 1, or this fails."""
     w = _sm(4096, 512, n, g=512, seed=m)
     x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
-    cfg = dataclasses.replace(nk_config(m, 4096, 512), dot_order="xw", mma_m=mma_m)
+    cfg = dataclasses.replace(nk_config(m, 4096, 512, code_bits=n.bit_length() - 1), dot_order="xw", mma_m=mma_m)
+    y = higgs_matmul_pallas(x, to_nk16(w), config=cfg)
+    r = higgs_matmul_reference(x.astype(jnp.float32), w)
+    assert rel_err(y, r) < 1e-2, rel_err(y, r)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("n,row_steps", [(4, 2), (4, 4), (16, 2), (16, 4), (16, 8)])
+@pytest.mark.parametrize("m,stages", [(1, 3), (16, 3), (16, 4), (64, 3)])
+def test_gpu_nk_row_steps(n, row_steps, m, stages):
+    """Blocks split over loop steps, with deeper pipelines, on the GPU against the reference."""
+    w = _sm(4096, 512, n, g=512, seed=m)
+    x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
+    cfg = dataclasses.replace(
+        nk_config(m, 4096, 512, code_bits=n.bit_length() - 1), row_steps=row_steps, num_stages=stages
+    )
     y = higgs_matmul_pallas(x, to_nk16(w), config=cfg)
     r = higgs_matmul_reference(x.astype(jnp.float32), w)
     assert rel_err(y, r) < 1e-2, rel_err(y, r)

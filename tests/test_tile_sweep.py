@@ -112,8 +112,8 @@ def test_kernel_bench_nk_path(tmp_path, capsys):
     from pallas_kernels.higgs_matmul.config import nk_config
 
     kw = kernel_bench.random_weight(jax.random.key(0), 1024, 64, 1, 16)
-    cfg = kernel_bench.path_config("nk", 16, 1024, 64, 1)
-    assert cfg == nk_config(16, 1024, 64) and cfg.dot_order == "xw"
+    cfg = kernel_bench.path_config("nk", 16, 1024, 64, 1, 16)
+    assert cfg == nk_config(16, 1024, 64, code_bits=4) and cfg.dot_order == "xw"
     nk = kernel_bench.layout_for(kw, cfg)
     assert nk.layout == "nk16" and kernel_bench.weight_bytes(nk) == nk.words.size * 2 + kw.scales.size * 2
     assert kernel_bench.weight_bytes(nk) == kernel_bench.weight_bytes(kw)  # same code bytes

@@ -91,6 +91,10 @@ class Config:
         (``loop_stages``) a prefetch holds no registers and no shared memory, so it adds DRAM
         reads in flight at the same occupancy. 0: off. Ignored on other paths and in interpret
         mode (the values computed are the same either way).
+      row_steps: "nk" path: loop steps per stored 16-unit block (a divisor of the block's 2 cb
+        word rows); each step reads 2 cb / row_steps rows and decodes their planes, so one
+        pipeline stage holds that fraction of a block and ``num_stages`` >= 3 double-buffers in
+        the shared memory of one whole-block step (kernel_nk.py). 1 on every other path.
     """
 
     block_n: int = 128
@@ -109,6 +113,7 @@ class Config:
     dot_order: str = "xw"
     mma_m: int = 0
     prefetch: int = 0
+    row_steps: int = 1
 
     def __post_init__(self):
         for name in ("block_n", "num_warps", "block_m"):
@@ -135,6 +140,13 @@ class Config:
             raise ValueError(f"loop_stages must be an int in [0, 8], got {self.loop_stages!r}")
         if not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= 8:
             raise ValueError(f"prefetch must be an int in [0, 8], got {self.prefetch!r}")
+        if not isinstance(self.row_steps, int) or not _pow2(self.row_steps) or self.row_steps > 8:
+            raise ValueError(f"row_steps must be 1, 2, 4 or 8, got {self.row_steps!r}")
+        if self.row_steps != 1 and self.path != "nk":
+            raise ValueError(
+                f"row_steps={self.row_steps} splits the loop steps of path='nk', got "
+                f"path={self.path!r}"
+            )
         if self.dot_order not in DOT_ORDERS:
             raise ValueError(f"dot_order must be one of {DOT_ORDERS}, got {self.dot_order!r}")
         if not isinstance(self.mma_m, int) or not (
@@ -246,10 +258,20 @@ def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
     )
 
 
-def nk_config(m: int, k: int, n: int) -> Config:
-    """Heuristic config of the "nk" path (p = 1 weights in the nk16 layout) for an (m, k) x (k, n)
-    product: 16 units per step (one dot of K = 16 per plane), BM = M rounded up to a power of two
-    between 16 and 64, 128 columns, two pipeline stages, split-K up to `TARGET_PROGRAMS` programs.
+def nk_config(m: int, k: int, n: int, *, code_bits: int) -> Config:
+    """Heuristic config of the "nk" path (p = 1 weights in the nk16 layout, ``code_bits`` 2 or 4)
+    for an (m, k) x (k, n) product: one 16-unit block (one dot of K = 16 per plane) per
+    ``row_steps`` loop steps, BM = M rounded up to a power of two between 16 and 64, 128
+    columns, split-K up to `TARGET_PROGRAMS` programs.
+
+    Loop steps and stages (H100, session 14, full op, `benchmarks/results/s14/`): at num_stages
+    = 2 Triton keeps one shared-memory buffer and serialises the copies with the compute, at 3
+    with whole-block steps the two buffers cost occupancy. Splitting each block over loop steps
+    with 3 stages wins: at 16-row blocks 4-bit codes take 2 steps per block (8192x28672 72.2 ->
+    66.0 us, 4096x4096 27.6 -> 19.0), 2-bit codes stay at 1 step and 2 stages (mixed: 4096x4096
+    24.2 -> 20.3 but 14336x4096 31.5 -> 61.3); at 32/64-row blocks both take 8 planes per step
+    (4-bit: 4 steps, 185.9 -> 131.1 us at 8192x28672, 75.0 -> 53.9 at 14336x4096; 2-bit: 4
+    steps, 170.0 -> 125.2).
 
     Operand order (H100, session 12, full op, `benchmarks/results/s12/sweep_m16_nk_blocked.json`,
     `sweep_m64_nk_blocked.json`): at 16-row blocks "xw" (the decoded plane as the second operand
@@ -257,6 +279,8 @@ def nk_config(m: int, k: int, n: int) -> Config:
     8192x28672 4-bit 89.9 vs 99.2 us, 2-bit 64.8 vs 72.8 (14336x4096 4-bit: 52.7 vs 45.5); at
     64-row blocks "wx" (one warpgroup MMA per plane): 200.0 us against 245.5 for "xw" with 32-row
     sub-dots, 4-bit 8192x28672."""
+    if code_bits not in (2, 4):
+        raise ValueError(f"the nk16 layout holds 2- and 4-bit codes, got code_bits={code_bits!r}")
     units = -(-k // 32)
     units += -units % 16  # the nk16 layout pads to whole 16-unit blocks
     block_m = min(64, max(16, _next_pow2(m)))
@@ -265,15 +289,20 @@ def nk_config(m: int, k: int, n: int) -> Config:
     steps_total = -(-units // bku)
     n_blocks = -(-n // block_n) * -(-m // block_m)
     split = split_k_for(steps_total, n_blocks, TARGET_PROGRAMS)
+    if block_m > 16:
+        row_steps = 4  # 8 planes per step: 2 word rows of 4-bit codes, 1 of 2-bit
+    else:
+        row_steps = 2 if code_bits == 4 else 1
     return Config(
         block_n=block_n,
         block_k=bku * 32,
         split_k=split,
         num_warps=4,
-        num_stages=2,
+        num_stages=3 if row_steps > 1 else 2,
         path="nk",
         block_m=block_m,
         dot_order="xw" if block_m == 16 else "wx",
+        row_steps=row_steps,
     )
 
 

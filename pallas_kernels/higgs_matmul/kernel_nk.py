@@ -19,6 +19,11 @@ one unary PTX block per two weights (`nkpair.decode`) and multiplies, f32 accumu
   default at 16-row blocks (session 12: 4-bit 8192x28672, M = 16, 89.9 vs 99.2 us for "wx").
 Either way the pack-2 asm pairs units 2i, 2i + 1: both the load's register order and the MMA
 operand's run along the units, whether or not Triton hoists the operand layout to the load.
+With ``row_steps`` > 1 a stored block takes that many loop steps, each reading R / row_steps
+word rows and their planes. Triton stages one loop step's copies per pipeline buffer, and at
+``num_stages`` = 2 it keeps a single buffer: the next step's copies are issued at the end of the
+loop body and awaited at the top of the next one (session 13, Nsight). Smaller steps let
+``num_stages`` >= 3 double-buffer in the shared memory one whole-block step took.
 The tile lies in one scale group (the wrapper checks), so the tile's sum is scaled once per
 column. Partial sums (S, M, N) are reduced outside (wrapper), as for the plane kernel.
 """
@@ -56,12 +61,16 @@ def nk_kernel(
     mask_cols: bool,
     xblk: int,
     dot_order: str = "wx",
+    row_steps: int = 1,
     interpret: bool = False,
 ):
     """Kernel body; see the module docstring. ``mma_m``: rows of x per dot (the program's BM
     rows are BM / mma_m dots sharing each decoded plane). ``dot_order``: "wx" (decoded plane
     (BN, BKU) as the first operand, accumulating (BN, mm)) or "xw" (the word tile transposed
-    before decoding, so the plane is the (BKU, BN) second operand, accumulating (mm, BN))."""
+    before decoding, so the plane is the (BKU, BN) second operand, accumulating (mm, BN)).
+    ``row_steps``: loop steps per stored block; each step reads R / row_steps word rows (and
+    their planes), so a pipeline stage holds that fraction of a block (see the module
+    docstring)."""
     if dot_order not in ("wx", "xw"):
         raise ValueError(f"dot_order must be 'wx' or 'xw', got {dot_order!r}")
     xw = dot_order == "xw"
@@ -72,6 +81,10 @@ def nk_kernel(
         raise ValueError(f"mma_m={mma_m} must be >= 16 and divide block_m={bm}")
     nsub = bm // mm
     F = _nkpair.planes_per_row(cb)
+    R = 2 * cb
+    if row_steps < 1 or R % row_steps:
+        raise ValueError(f"row_steps={row_steps} must divide the {R} word rows of {cb}-bit codes")
+    rp = R // row_steps  # word rows per loop step
     j = pl.program_id(0)
     s = pl.program_id(1)
     i = pl.program_id(2)
@@ -81,7 +94,12 @@ def nk_kernel(
     acc_shape = (mm, bn) if xw else (bn, mm)
 
     def step(it, state):
-        u0 = pl.multiple_of((s * steps + it) * bku, bku)
+        # the step's block of the stored layout and its first word row (shifts: row_steps is a
+        # power of two, and Triton's lowering of jnp's floor // and % fails on int32 here)
+        sh = row_steps.bit_length() - 1
+        ub = s * steps + lax.shift_right_logical(it, sh)
+        r0 = (it & (row_steps - 1)) * rp
+        u0 = pl.multiple_of(ub * bku, bku)
         mask = None
         if mask_rows:
             ucols = u0 + lax.broadcasted_iota(jnp.int32, (1, bku), 1)
@@ -100,10 +118,10 @@ def nk_kernel(
         if xw:
             scl = scl.T  # (1, BN)
         acc = [jnp.zeros(acc_shape, jnp.float32) for _ in range(nsub)]
-        ub = s * steps + it  # the step's block of the stored layout
-        for r in range(2 * cb):
+        for rr in range(rp):
+            r = r0 + rr if row_steps > 1 else jnp.int32(rr)
             tile = _compat.load(
-                w_ref.at[ub, jnp.int32(r), pl.ds(n0, bn), pl.ds(0, bku)], mask=mask, other=0
+                w_ref.at[ub, r, pl.ds(n0, bn), pl.ds(0, bku)], mask=mask, other=0
             )  # (BN, BKU) uint16: BN x 32 contiguous bytes
             if xw:
                 # (BKU, BN): pairs of units stay adjacent in a thread's registers whether or not
@@ -124,6 +142,6 @@ def nk_kernel(
         return tuple(state[q] + acc[q] * scl for q in range(nsub))
 
     init = tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(nsub))
-    out = lax.fori_loop(0, steps, step, init)
+    out = lax.fori_loop(0, steps * row_steps, step, init)
     for q in range(nsub):
         o_ref[s, pl.ds(i * bm + q * mm, mm), pl.ds(n0, bn)] = out[q] if xw else out[q].T

@@ -384,6 +384,11 @@ def _check_layout(kw: KernelPackedWeight, cfg: Config) -> None:
             f"path='nk' reads one block of {_nkpair.BLOCK_UNITS} units per step: block_k must be "
             f"{32 * _nkpair.BLOCK_UNITS}, got {cfg.block_k}"
         )
+    if nk and (2 * kw.code_bits) % cfg.row_steps:
+        raise ValueError(
+            f"row_steps={cfg.row_steps} must divide the {2 * kw.code_bits} word rows of a "
+            f"{kw.code_bits}-bit nk16 block"
+        )
     if nk and kw.group_size % cfg.block_k:
         raise ValueError(
             f"path='nk' scales whole tiles: the group size {kw.group_size} must be a multiple of "
@@ -440,10 +445,13 @@ def launch_kernel(
             bm=bm,
             mma_m=min(cfg.mma_m, bm),
             dot_order=cfg.dot_order,
+            row_steps=cfg.row_steps,
             interpret=interpret,
             **common,
         )
         name = f"higgs_matmul_p1_cb{cb}_nk" + ("_xw" if cfg.dot_order == "xw" else "")
+        if cfg.row_steps > 1:
+            name += f"_rs{cfg.row_steps}"
         if 0 < cfg.mma_m < bm:
             name += f"_mm{cfg.mma_m}"
     else:
@@ -535,7 +543,7 @@ def _higgs_matmul(x, w, bias, config, interpret):
     if config is not None:
         cfg = config
     elif kw.layout == _nkpair.LAYOUT:
-        cfg = nk_config(m, kw.K, kw.N)
+        cfg = nk_config(m, kw.K, kw.N, code_bits=kw.code_bits)
     else:
         cfg = _default_for(kw, m)
     y = _launch(x2, kw, cfg, m, x.dtype, interpret)
