@@ -199,7 +199,7 @@ def weight_bytes(kw: KernelPackedWeight) -> int:
 
 
 PATH_CONFIGS = {
-    "default": lambda m, k, n, p, bits, n_grid: default_config(m, k, n, p, bits),
+    "default": lambda m, k, n, p, bits, n_grid: default_config(m, k, n, p, bits),  # the wrapper's
     "wide": lambda m, k, n, p, bits, n_grid: wide_config(m, k, n, p, bits),
     "nk": lambda m, k, n, p, bits, n_grid: nk_config(m, k, n, code_bits=n_grid.bit_length() - 1),
 }
@@ -210,11 +210,14 @@ NK_GRIDS = ((1, 4), (1, 16))
 def path_config(path: str, m: int, k: int, n_cols: int, p: int, n_grid: int):
     """The config a --paths entry times: `default_config`, `wide_config` or `nk_config`.
 
-    bits = 0 as this script always passed to `default_config` (so its 2-bit split doubling is
-    off here, unlike the wrapper's default); `wide_config` does not use bits, `nk_config` takes
-    the code width from the grid size ``n_grid``.
+    "default" is the config `higgs_matmul` picks for such a weight: `default_config` with the
+    grid's real bits per weight. (Until session 14 this script passed bits = 0, which turned off
+    the code-width rules: 8 warps for 4-bit codes at M = 1, more split-K for 2-bit codes. Its
+    "default" column timed a slower config than the wrapper runs: at M = 1, 8192x28672, 72 vs
+    63 us at 4 bits, 58 vs 52 us at 2 bits on an H100.) `nk_config` takes the code width from
+    ``n_grid``.
     """
-    return PATH_CONFIGS[path](m, k, n_cols, p, 0, n_grid)
+    return PATH_CONFIGS[path](m, k, n_cols, p, SUPPORTED[(p, n_grid)] / p, n_grid)
 
 
 def layout_for(kw: KernelPackedWeight, cfg) -> KernelPackedWeight:
@@ -418,7 +421,7 @@ def _main(argv=None) -> int:
                     if p == 1
                     else ["gather", "gather_pair"] + (["select"] if n == 16 else [])
                 )
-                base = default_config(1, k, n_cols, p, 0)
+                base = default_config(1, k, n_cols, p, SUPPORTED[(p, n)] / p)
                 for d in decs:
                     cfg = dataclasses.replace(base, decode=d)
                     if time.time() > t_explore_end:
@@ -499,12 +502,6 @@ def _main(argv=None) -> int:
                 if path == "nk" and (p, n) not in NK_GRIDS:
                     continue  # the nk16 layout holds p = 1 codes of 2 or 4 bits only
                 cfg = path_config(path, m, k, n_cols, p, n)
-                if path == "default" and p == 1:
-                    # the wrapper's default picks its decoder from the code width (session 11:
-                    # "regpair" for 16-row blocks of 2- and 4-bit codes), which bits = 0 hides
-                    real = default_config(m, k, n_cols, p, SUPPORTED[(p, n)] / p)
-                    if real.decode == "regpair":
-                        cfg = dataclasses.replace(cfg, decode="regpair", dot_order=real.dot_order)
                 if (p, n) in best_decode and path == "default":
                     # M=1 decoder sweep of the default kernels; the wide path keeps "auto"
                     cfg = dataclasses.replace(cfg, decode=best_decode[(p, n)])
