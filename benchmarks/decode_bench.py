@@ -300,22 +300,12 @@ def peak_bytes() -> int | None:
 
 def nk16_params(params):
     """Kernel-layout params -> (params with every weight the "nk" path takes in the nk16 layout,
-    weights converted, weights kept): `repack.nk16_problem` decides."""
-    from pallas_kernels.higgs_matmul.repack import KernelPackedWeight, nk16_problem, to_nk16
+    weights converted, weights kept): `repack.to_nk16_tree`, what
+    ``prepare_for_inference(kernel_layout="nk16")`` runs after fusing."""
+    from pallas_kernels.higgs_matmul.repack import to_nk16_tree
 
-    counts = [0, 0]
-
-    def conv(x):
-        if not isinstance(x, KernelPackedWeight):
-            return x
-        if nk16_problem(x) is None:
-            counts[0] += 1
-            return jax.jit(to_nk16)(x)
-        counts[1] += 1
-        return x
-
-    out = jax.tree.map(conv, params, is_leaf=lambda x: isinstance(x, KernelPackedWeight))
-    return out, counts[0], counts[1]
+    out, n_conv, kept = to_nk16_tree(params)
+    return out, n_conv, len(kept)
 
 
 def rel_err(a: jax.Array, b: jax.Array) -> float:

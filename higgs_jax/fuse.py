@@ -24,12 +24,15 @@ GPU kernel's layout.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+_log = logging.getLogger(__name__)
 
 #: (sub-module, layers read from the same input, fused name), Llama family.
 LLAMA_GROUPS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -201,16 +204,30 @@ def prepare_for_inference(
        (`pallas_kernels.higgs_matmul.repack`; free for 2/4/8-bit codes, a bit shuffle for 3/6).
        "auto" does it only on an NVIDIA GPU where the kernel runs; True forces it (the model then
        needs the kernel: NVIDIA GPU); False keeps `HiggsTensor` leaves (XLA path anywhere).
+       "nk16": as True, then (after fusing) every weight the kernel's "nk" path takes (p = 1,
+       2- or 4-bit codes, scale groups of multiples of 512; `repack.nk16_problem`) goes to the
+       nk16 layout (`repack.to_nk16_tree`), the layout for batched decoding and prefill
+       (M >= 16, bfloat16 activations for 4-bit codes). On an H100 (benchmarks/RESULTS.md §6,
+       session 14) it is faster from M = 16 up (8192x28672: 2.41x of cuBLAS at M = 16 and 1.22x
+       at M = 64 at 4 bits, against 1.57x / 0.81x in the default layout; 32-layer decode at batch
+       16 1.53x of bf16) and slower at M = 1 (batch-1 decode 1.55x against 1.85x). The weights
+       that stay in the default layout are logged.
     2. ``fuse``: `fuse_projections` (one matmul per shared input).
 
     Returns:
       (params, fusion report); the report is empty when ``fuse`` is False.
 
     Raises:
-      ValueError: ``kernel_layout`` is not True/False/"auto", or True without `pallas_kernels`.
+      ValueError: ``kernel_layout`` is not True/False/"auto"/"nk16", or True/"nk16" without
+        `pallas_kernels`.
     """
-    if kernel_layout not in (True, False, "auto"):
-        raise ValueError(f"kernel_layout must be True, False or 'auto', got {kernel_layout!r}")
+    if not any(kernel_layout is v for v in (True, False)) and kernel_layout not in ("auto", "nk16"):
+        raise ValueError(
+            f"kernel_layout must be True, False, 'auto' or 'nk16', got {kernel_layout!r}"
+        )
+    nk16 = kernel_layout == "nk16"
+    if nk16:
+        kernel_layout = True
     out: Any = params
     if kernel_layout:
         try:
@@ -236,4 +253,11 @@ def prepare_for_inference(
     report: list[dict] = []
     if fuse:
         out, report = fuse_projections(out)
+    if nk16:
+        from pallas_kernels.higgs_matmul.repack import to_nk16_tree
+
+        out, n_conv, kept = to_nk16_tree(out)
+        _log.info("nk16 layout: %d weights converted, %d kept in the default layout", n_conv, len(kept))
+        for where, why in kept.items():
+            _log.info("  kept %s: %s", where, why)
     return dict(out), report

@@ -197,3 +197,44 @@ def test_prepare_for_inference():
     assert report == [] and "q_proj" in unfused["layers_0"]["attn"]
     with pytest.raises(ValueError, match="kernel_layout must be"):
         prepare_for_inference(q, kernel_layout="yes")
+
+
+def test_prepare_for_inference_nk16(caplog):
+    """kernel_layout="nk16": weights are repacked, fused, then every weight the nk path takes is
+    in the nk16 layout with the same codes; the rest stays in the default layout and is logged
+    with the reason. The converted fused weight computes the same product (interpret mode)."""
+    import logging
+
+    from pallas_kernels.higgs_matmul import higgs_matmul_pallas
+    from pallas_kernels.higgs_matmul.reference import higgs_matmul_reference
+    from pallas_kernels.higgs_matmul.repack import kernel_codes
+
+    from higgs_jax.fuse import prepare_for_inference
+
+    cfg = dataclasses.replace(
+        SMALL, hidden_size=512, intermediate_size=1024, num_layers=1, num_heads=8, num_kv_heads=4,
+        head_dim=64,
+    )
+    params = random_params(cfg, jax.random.key(9))
+    rules = (
+        (r"o_proj/kernel$", HiggsConfig(bits=4, p=2, hadamard_size=512, group_size=512)),
+        *default_rules(HiggsConfig(bits=4, p=1, hadamard_size=512, group_size=512)),
+    )
+    q, _ = quantize_params(params, rules)
+    kn, _ = prepare_for_inference(q, kernel_layout=True)
+    with caplog.at_level(logging.INFO, logger="higgs_jax.fuse"):
+        nk, report = prepare_for_inference(q, kernel_layout="nk16")
+    assert all(r["fused"] for r in report)
+    for blk, name in (("attn", "qkv_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj")):
+        a, b = nk["layers_0"][blk][name]["kernel"], kn["layers_0"][blk][name]["kernel"]
+        assert (a.layout, b.layout) == ("nk16", "kn"), name
+        np.testing.assert_array_equal(np.asarray(kernel_codes(a)), np.asarray(kernel_codes(b)))
+    o = nk["layers_0"]["attn"]["o_proj"]["kernel"]
+    assert o.layout == "kn" and o.p == 2
+    assert "nk16 layout: 3 weights converted, 1 kept" in caplog.text
+    assert "o_proj" in caplog.text and "p=2 (nk16 holds p = 1 codes)" in caplog.text
+    w = nk["layers_0"]["attn"]["qkv_proj"]["kernel"]
+    x = jax.random.normal(jax.random.key(3), (16, 512), jnp.bfloat16)
+    y = higgs_matmul_pallas(x, w, interpret=True)
+    r = higgs_matmul_reference(x.astype(jnp.float32), kn["layers_0"]["attn"]["qkv_proj"]["kernel"])
+    assert float(jnp.linalg.norm(y.astype(jnp.float32) - r) / jnp.linalg.norm(r)) < 1e-2

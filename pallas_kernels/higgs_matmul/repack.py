@@ -381,3 +381,30 @@ def to_nk16(w) -> KernelPackedWeight:
         codes = jnp.pad(codes, [(0, 32 * pad), (0, 0)])
     words = nkpair.pack_pair_words(codes, kw.code_bits)
     return dataclasses.replace(kw, words=words, layout=nkpair.LAYOUT)
+
+
+def to_nk16_tree(tree) -> tuple[object, int, dict[str, str]]:
+    """Every `KernelPackedWeight` leaf of a pytree that the "nk" path takes (`nk16_problem`),
+    converted once with `to_nk16`; the others stay in the kn layout.
+
+    Returns:
+      (tree, number of leaves converted, {leaf path: why it stayed}).
+    """
+    kept: dict[str, str] = {}
+    count = [0]
+    conv = jax.jit(to_nk16)
+
+    def one(path, x):
+        if not isinstance(x, KernelPackedWeight) or x.layout == "nk16":
+            return x
+        why = nk16_problem(x)
+        if why is not None:
+            kept[jax.tree_util.keystr(path)] = why
+            return x
+        count[0] += 1
+        return conv(x)
+
+    out = jax.tree_util.tree_map_with_path(
+        one, tree, is_leaf=lambda x: isinstance(x, KernelPackedWeight)
+    )
+    return out, count[0], kept
