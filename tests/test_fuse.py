@@ -238,3 +238,28 @@ def test_prepare_for_inference_nk16(caplog):
     y = higgs_matmul_pallas(x, w, interpret=True)
     r = higgs_matmul_reference(x.astype(jnp.float32), kn["layers_0"]["attn"]["qkv_proj"]["kernel"])
     assert float(jnp.linalg.norm(y.astype(jnp.float32) - r) / jnp.linalg.norm(r)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not any(d.platform == "gpu" for d in jax.devices()), reason="needs an NVIDIA GPU"
+)
+@pytest.mark.parametrize("batch", [1, 16])
+def test_gpu_model_runs_on_nk16_weights(batch):
+    """The model with prepare_for_inference(kernel_layout="nk16") params (the nk path's kernels,
+    M = batch x 7 rows) gives the logits of the XLA path on the same quantized weights."""
+    from higgs_jax.fuse import prepare_for_inference
+
+    cfg = dataclasses.replace(
+        SMALL, hidden_size=512, intermediate_size=1024, num_layers=2, num_heads=8, num_kv_heads=4,
+        head_dim=64,
+    )
+    params = random_params(cfg, jax.random.key(10))
+    q, _ = quantize_params(params, default_rules(HiggsConfig(bits=4, p=1, hadamard_size=512, group_size=512)))
+    nk, _ = prepare_for_inference(q, kernel_layout="nk16")
+    assert nk["layers_1"]["mlp"]["down_proj"]["kernel"].layout == "nk16"
+    xla, _ = prepare_for_inference(q, kernel_layout=False)
+    tok = jax.random.randint(jax.random.key(batch), (batch, 7), 0, cfg.vocab_size, jnp.int32)
+    a = np.asarray(fwd(nk, tok, cfg)[0], np.float64)
+    b = np.asarray(fwd(xla, tok, cfg)[0], np.float64)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
