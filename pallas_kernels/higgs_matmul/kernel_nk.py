@@ -6,7 +6,8 @@ loop step (the K of each plane's dot), BN columns and BM rows per program, S = s
 the c-th code of every unit, R = 2 cb uint16 rows per unit, F = 16 / cb planes per row.
 
 Grid (N / BN, S, M / BM), the same as the plane kernel. Program (j, s, i) loops over its tiles of
-BKU = 16 units (one stored block of the nk16 layout per step); per tile and row r it loads one
+BKU = 16 units (one stored block of the nk16 layout per ``row_steps`` loop steps, see below); per
+tile and row r it loads one
 (BN, 16) uint16 tile (BN x 32 contiguous bytes) and for each of the row's F planes decodes it with
 one unary PTX block per two weights (`nkpair.decode`) and multiplies, f32 accumulation
 (`_compat.dot_acc`), in one of two operand orders:
