@@ -307,6 +307,31 @@ def test_nk_row_steps_split_the_loop_body(row_steps):
     assert len(re.findall(r"tt\.dot ", loop)) == 32 // row_steps
 
 
+def test_nk_autotune_space():
+    """autotune's default candidates for an nk16 weight are nk configs (the kn space would not
+    run on it): row steps x stages for the code width, split, columns, operand order; the cache
+    keys the two layouts apart. A few candidates run against the reference (interpret)."""
+    from pallas_kernels.higgs_matmul.autotune import shape_key
+    from pallas_kernels.higgs_matmul.config import nk_candidate_configs
+
+    c4 = nk_candidate_configs(16, 8192, 28672, code_bits=4)
+    c2 = nk_candidate_configs(16, 8192, 28672, code_bits=2)
+    assert c4[0] == nk_config(16, 8192, 28672, code_bits=4)
+    assert all(c.path == "nk" and c.block_k == 512 for c in c4 + c2)
+    assert {c.row_steps for c in c4} == {1, 2, 4, 8} and {c.row_steps for c in c2} == {1, 2, 4}
+    assert {c.num_stages for c in c4} == {2, 3, 4} and {c.dot_order for c in c4} == {"xw", "wx"}
+    assert len(set(c4)) == len(c4)
+    w = _sm(1024, 64, 16, g=512)
+    nk = to_nk16(w)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 1024)), jnp.bfloat16)
+    assert shape_key(x, nk) == shape_key(x, w) + "_nk16"
+    r = higgs_matmul_reference(x.astype(jnp.float32), w)
+    cands = nk_candidate_configs(16, 1024, 64, code_bits=4)
+    for cfg in (cands[-1], next(c for c in cands if c.row_steps == 8 and c.num_stages == 4)):
+        y = higgs_matmul_pallas(x, nk, config=cfg, interpret=True)
+        assert rel_err(y, r) < 1e-2, (cfg, rel_err(y, r))
+
+
 def test_nk16_problem_names_what_the_nk_path_cannot_take():
     from pallas_kernels.higgs_matmul.repack import nk16_problem, repack
 
@@ -435,3 +460,24 @@ def test_gpu_nk_row_steps(n, row_steps, m, stages):
     y = higgs_matmul_pallas(x, to_nk16(w), config=cfg)
     r = higgs_matmul_reference(x.astype(jnp.float32), w)
     assert rel_err(y, r) < 1e-2, rel_err(y, r)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_autotune_nk16(tmp_path):
+    """autotune on an nk16 weight times nk candidates, caches the winner under the layout's key
+    and the winner computes the product."""
+    from pallas_kernels.higgs_matmul.autotune import autotune, load_autotune_cache
+
+    w = _sm(4096, 1024, 16, g=512, seed=5)
+    nk = to_nk16(w)
+    x = jax.random.normal(jax.random.key(5), (16, 4096), jnp.bfloat16)
+    cache = tmp_path / "tune.json"
+    best = autotune(x, nk, reps=8, cache_path=cache)
+    assert best.path == "nk"
+    (key,) = load_autotune_cache(cache)
+    assert key.endswith("_nk16")
+    y = higgs_matmul_pallas(x, nk, config=best)
+    r = higgs_matmul_reference(x.astype(jnp.float32), w)
+    assert rel_err(y, r) < 1e-2, rel_err(y, r)
+    assert autotune(x, nk, cache_path=cache) == best  # from the cache

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _compat
-from pallas_kernels.higgs_matmul.config import Config, candidate_configs
+from pallas_kernels.higgs_matmul.config import Config, candidate_configs, nk_candidate_configs
 
 
 #: Calls per loop iteration: an XLA while loop on the GPU costs ~13 us per iteration (the trip
@@ -72,9 +72,9 @@ def shape_key(x: jax.Array, w) -> str:
     m = 1
     for d in x.shape[:-1]:
         m *= d
-    return (
-        f"m{m}_k{w.shape[0]}_n{w.shape[1]}_p{w.p}_n{w.n}_g{w.group_size}_{jnp.dtype(x.dtype).name}"
-    )
+    key = f"m{m}_k{w.shape[0]}_n{w.shape[1]}_p{w.p}_n{w.n}_g{w.group_size}_{jnp.dtype(x.dtype).name}"
+    layout = getattr(w, "layout", "kn")
+    return key if layout == "kn" else f"{key}_{layout}"  # the nk16 layout runs other configs
 
 
 def _cache_key(x, w) -> str:
@@ -106,7 +106,8 @@ def autotune(
 ) -> Config:
     """Times each candidate config on the device and returns the fastest.
 
-    Candidates that fail to compile are skipped. With ``cache_path``, a stored result for this
+    Default candidates: `candidate_configs` for the kn layout, `nk_candidate_configs` for a
+    weight in the nk16 layout. Candidates that fail to compile are skipped. With ``cache_path``, a stored result for this
     GPU kind and shape key is returned without timing, and a new result is saved there.
     """
     from pallas_kernels.higgs_matmul.repack import repack
@@ -118,11 +119,12 @@ def autotune(
     if key in cache:
         return cache[key]
     m = x.size // x.shape[-1]
-    cands = (
-        list(candidates)
-        if candidates
-        else candidate_configs(m, kw.K, kw.N, kw.p, kw.code_bits / kw.p)
-    )
+    if candidates:
+        cands = list(candidates)
+    elif kw.layout == "nk16":
+        cands = nk_candidate_configs(m, kw.K, kw.N, code_bits=kw.code_bits)
+    else:
+        cands = candidate_configs(m, kw.K, kw.N, kw.p, kw.code_bits / kw.p)
     best, best_t = None, float("inf")
     for cfg in cands:
         try:

@@ -440,3 +440,23 @@ def candidate_configs(m: int, k: int, n: int, p: int, bits: float) -> list[Confi
             seen.add(c)
             uniq.append(c)
     return uniq
+
+
+def nk_candidate_configs(m: int, k: int, n: int, *, code_bits: int) -> list[Config]:
+    """Autotuning search space of the "nk" path (weights in the nk16 layout) around `nk_config`:
+    loop steps per block x pipeline stages (session 14), split-K, columns, operand order."""
+    base = nk_config(m, k, n, code_bits=code_bits)
+    rows = 2 * code_bits
+    out = [base]
+    for rs in (1, 2, 4, 8):
+        if rows % rs:
+            continue
+        for st in (2, 3, 4):
+            out.append(dataclasses.replace(base, row_steps=rs, num_stages=st))
+    for split in (base.split_k // 2, base.split_k * 2):
+        if split >= 1:
+            out.append(dataclasses.replace(base, split_k=split))
+    for bn in (64, 256):
+        out.append(dataclasses.replace(base, block_n=bn))
+    out.append(dataclasses.replace(base, dot_order="wx" if base.dot_order == "xw" else "xw"))
+    return list(dict.fromkeys(out))
