@@ -199,9 +199,9 @@ def weight_bytes(kw: KernelPackedWeight) -> int:
 
 
 PATH_CONFIGS = {
-    "default": lambda m, k, n, p, bits, n_grid: default_config(m, k, n, p, bits),  # the wrapper's
+    "default": lambda m, k, n, p, bits, n_grid: default_config(m, k, n, p, bits),
     "wide": lambda m, k, n, p, bits, n_grid: wide_config(m, k, n, p, bits),
-    "nk": lambda m, k, n, p, bits, n_grid: nk_config(m, k, n, code_bits=n_grid.bit_length() - 1),
+    "nk": lambda m, k, n, p, bits, n_grid: nk_config(m, k, n, code_bits=SUPPORTED[(p, n_grid)]),
 }
 #: Grids (p, n) the "nk" path (weights converted once with `to_nk16`) takes: p = 1, 2/4 bits.
 NK_GRIDS = ((1, 4), (1, 16))

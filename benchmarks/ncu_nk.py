@@ -44,7 +44,8 @@ def main(argv=None) -> None:
     f = jax.jit(lambda x, w: higgs_matmul_pallas(x, w, config=cfg, interpret=a.smoke))
     for _ in range(2):
         y = f(x, w).block_until_ready()
-    print(f"nk {a.bits}-bit {k}x{n} M={a.m} {cfg}: y {y.shape} finite={bool(jnp.isfinite(y).all())}")
+    finite = bool(jnp.isfinite(y).all())
+    print(f"nk {a.bits}-bit {k}x{n} M={a.m} {cfg}: y {y.shape} finite={finite}")
 
 
 if __name__ == "__main__":

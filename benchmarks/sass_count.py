@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     if k <= 0 or ncols <= 0 or args.m <= 0:
         ap.error(f"--shape {args.shape!r} and --m {args.m} must be positive")
     if args.path == "nk":  # nk16 weight layout (repack.to_nk16) and its own default
-        cfg = nk_config(args.m, k, ncols, code_bits=n.bit_length() - 1)
+        cfg = nk_config(args.m, k, ncols, code_bits=SUPPORTED[(p, n)])
     else:
         cfg = default_config(args.m, k, ncols, p, SUPPORTED[(p, n)] / p)
     over = {

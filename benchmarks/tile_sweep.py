@@ -169,7 +169,10 @@ def variant_candidates(m: int, k: int, n: int, p: int, n_grid: int, variants) ->
     for v in variants:
         over = parse_variant(v)
         # "path=nk": the nk16 layout's own default (`nk_config`), then the other overrides
-        start = nk_config(m, k, n, code_bits=n_grid.bit_length() - 1) if over.get("path") == "nk" else base
+        if over.get("path") == "nk":
+            start = nk_config(m, k, n, code_bits=SUPPORTED[(p, n_grid)])
+        else:
+            start = base
         out.append(dataclasses.replace(start, **over))
     return list(dict.fromkeys(out))
 

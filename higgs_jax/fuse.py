@@ -221,7 +221,7 @@ def prepare_for_inference(
       ValueError: ``kernel_layout`` is not True/False/"auto"/"nk16", or True/"nk16" without
         `pallas_kernels`.
     """
-    if not any(kernel_layout is v for v in (True, False)) and kernel_layout not in ("auto", "nk16"):
+    if kernel_layout not in (True, False, "auto", "nk16"):
         raise ValueError(
             f"kernel_layout must be True, False, 'auto' or 'nk16', got {kernel_layout!r}"
         )
@@ -257,7 +257,9 @@ def prepare_for_inference(
         from pallas_kernels.higgs_matmul.repack import to_nk16_tree
 
         out, n_conv, kept = to_nk16_tree(out)
-        _log.info("nk16 layout: %d weights converted, %d kept in the default layout", n_conv, len(kept))
+        _log.info(
+            "nk16 layout: %d weights converted, %d kept in the default layout", n_conv, len(kept)
+        )
         for where, why in kept.items():
             _log.info("  kept %s: %s", where, why)
     return dict(out), report

@@ -72,7 +72,8 @@ def shape_key(x: jax.Array, w) -> str:
     m = 1
     for d in x.shape[:-1]:
         m *= d
-    key = f"m{m}_k{w.shape[0]}_n{w.shape[1]}_p{w.p}_n{w.n}_g{w.group_size}_{jnp.dtype(x.dtype).name}"
+    dt = jnp.dtype(x.dtype).name
+    key = f"m{m}_k{w.shape[0]}_n{w.shape[1]}_p{w.p}_n{w.n}_g{w.group_size}_{dt}"
     layout = getattr(w, "layout", "kn")
     return key if layout == "kn" else f"{key}_{layout}"  # the nk16 layout runs other configs
 
@@ -107,8 +108,9 @@ def autotune(
     """Times each candidate config on the device and returns the fastest.
 
     Default candidates: `candidate_configs` for the kn layout, `nk_candidate_configs` for a
-    weight in the nk16 layout. Candidates that fail to compile are skipped. With ``cache_path``, a stored result for this
-    GPU kind and shape key is returned without timing, and a new result is saved there.
+    weight in the nk16 layout. Candidates that fail to compile are skipped. With
+    ``cache_path``, a stored result for this GPU kind and shape key is returned without timing,
+    and a new result is saved there.
     """
     from pallas_kernels.higgs_matmul.repack import repack
     from pallas_kernels.higgs_matmul.wrapper import higgs_matmul_pallas
