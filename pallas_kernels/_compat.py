@@ -67,6 +67,19 @@ def store(ref_at: Any, val: jax.Array, *, mask: jax.Array | None = None) -> None
     _plgpu().store(ref_at, val, mask=mask)
 
 
+def block_barrier(*, interpret: bool) -> None:
+    """``bar.sync`` over the program's threads (GPU); nothing in interpret mode, where a program
+    runs as one sequential computation."""
+    if not interpret:
+        _plgpu().debug_barrier()
+
+
+def atomic_add(ref: Any, idx: Any, val: jax.Array) -> jax.Array:
+    """Atomic ``ref[idx] += val`` (acquire-release, GPU scope on the device); returns the old
+    value. A scalar ``idx``/``val`` is one atomic per program."""
+    return _plgpu().atomic_add(ref, idx, val)
+
+
 def gpu_compute_capability(device: Any | None = None) -> tuple[int, int] | None:
     """(major, minor) of an NVIDIA GPU device, None for anything else."""
     try:

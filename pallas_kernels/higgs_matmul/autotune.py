@@ -30,10 +30,20 @@ from pallas_kernels.higgs_matmul.config import Config, candidate_configs, nk_can
 CALLS_PER_ITERATION = 32
 
 
-def time_device(fn: Callable, x: jax.Array, weights: Sequence, reps: int = 100) -> float:
-    """Seconds per call of ``fn(x, w)`` on the device, cycling through ``weights`` copies."""
+def time_device(
+    fn: Callable,
+    x: jax.Array,
+    weights: Sequence,
+    reps: int = 100,
+    *,
+    calls_per_iteration: int = CALLS_PER_ITERATION,
+) -> float:
+    """Seconds per call of ``fn(x, w)`` on the device, cycling through ``weights`` copies;
+    ``calls_per_iteration``: calls unrolled in one iteration of the loop (at least)."""
+    if calls_per_iteration < 1:
+        raise ValueError(f"calls_per_iteration must be >= 1, got {calls_per_iteration}")
     copies = len(weights)
-    inner = max(1, -(-CALLS_PER_ITERATION // copies))  # passes over the copies per iteration
+    inner = max(1, -(-calls_per_iteration // copies))  # passes over the copies per iteration
     outer = max(1, -(-reps // (copies * inner)))
 
     @jax.jit

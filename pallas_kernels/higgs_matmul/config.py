@@ -11,6 +11,8 @@ import dataclasses
 PATHS = ("fma", "dot", "gemv", "wide", "nk")
 WORD_LOADS = ("lazy", "eager", "prefetch")
 DOT_ORDERS = ("xw", "wx")
+REDUCES = ("xla", "kernel")
+ROTATIONS = ("xla", "kernel")
 DECODES = ("auto", "poly", "select", "gather", "gather_pair", "regtab", "regpair", "byte", "code")
 MAX_M = 256
 #: Largest M (after padding to a power of two) the CUDA-core (fma) path handles.
@@ -95,6 +97,19 @@ class Config:
         word rows); each step reads 2 cb / row_steps rows and decodes their planes, so one
         pipeline stage holds that fraction of a block and ``num_stages`` >= 3 double-buffers in
         the shared memory of one whole-block step (kernel_nk.py). 1 on every other path.
+      reduce: where the split-K partial sums are summed (with the bias and the cast to the
+        output dtype): "xla" (the kernel stores (split_k, M, N) float32 partials, XLA sums them
+        afterwards, fused into the consumer inside a model) or "kernel" (the last program of
+        each output tile sums them and stores the output itself, found with an atomic counter
+        per tile: one launch instead of two; `splitk.py`).
+      rotation: how the activations are rotated into the kernel's blocked layout: "kernel" (one
+        Pallas launch with the Sylvester factors H_XB x H_32; p = 1 and power-of-two h in
+        512..2048, the XLA route elsewhere; `rotate.py`) or "xla" (one XLA matmul per Hadamard
+        block with the dense +-1 matrix: a split-K GEMM plus one or two fusions). Ignored on the
+        "wide" path. "kernel" since session 15: on an H100 (full op, same run) M = 1 was 1.00-1.33x
+        faster on all 12 (shape, width) cases of `tile_sweep.py --variants rotation=kernel`
+        (8192x28672 4-bit 66.9 -> 64.2 us, 4096x4096 2-bit 17.6 -> 13.2), and at M = 16 (nk,
+        4-bit 8192x28672) the op's kernels took 57.6 instead of 61.4 us in a profiler trace.
     """
 
     block_n: int = 128
@@ -114,6 +129,8 @@ class Config:
     mma_m: int = 0
     prefetch: int = 0
     row_steps: int = 1
+    reduce: str = "xla"
+    rotation: str = "kernel"
 
     def __post_init__(self):
         for name in ("block_n", "num_warps", "block_m"):
@@ -147,6 +164,10 @@ class Config:
                 f"row_steps={self.row_steps} splits the loop steps of path='nk', got "
                 f"path={self.path!r}"
             )
+        if self.reduce not in REDUCES:
+            raise ValueError(f"reduce must be one of {REDUCES}, got {self.reduce!r}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         if self.dot_order not in DOT_ORDERS:
             raise ValueError(f"dot_order must be one of {DOT_ORDERS}, got {self.dot_order!r}")
         if not isinstance(self.mma_m, int) or not (

@@ -28,6 +28,8 @@ from pallas_kernels.higgs_matmul import kernel_nk as _kernel_nk
 from pallas_kernels.higgs_matmul import nkpair as _nkpair
 from pallas_kernels.higgs_matmul import pairdec as _pairdec
 from pallas_kernels.higgs_matmul import regtab as _regtab
+from pallas_kernels.higgs_matmul import rotate as _rotate
+from pallas_kernels.higgs_matmul import splitk as _splitk
 from pallas_kernels.higgs_matmul.config import MAX_FMA_M, MAX_M, Config, default_config, nk_config
 from pallas_kernels.higgs_matmul.repack import SUPPORTED, KernelPackedWeight, repack
 
@@ -261,7 +263,15 @@ def activation_block(kw: KernelPackedWeight, bku: int) -> tuple[int, bool]:
 
 
 def kernel_activations(
-    x2: jax.Array, kw: KernelPackedWeight, *, rows: int, units_x: int, bku: int, dtype
+    x2: jax.Array,
+    kw: KernelPackedWeight,
+    *,
+    rows: int,
+    units_x: int,
+    bku: int,
+    dtype,
+    rotation: str = "xla",
+    interpret: bool = False,
 ) -> tuple[jax.Array, int]:
     """(M, K) activations -> ((rows, NB, p, 32, XB) rotated activations in ``dtype``, XB).
 
@@ -282,6 +292,12 @@ def kernel_activations(
         xr = xr.reshape(rows, units_x // bku, bku, 32, p).transpose(0, 1, 4, 3, 2)
         return xr.astype(dtype), xb
     nb = -(-units_x // xb)
+    if rotation == "kernel" and _rotate.supported(p, h)[0]:
+        # one Pallas launch (Sylvester factors H_XB x H_32) instead of XLA's matmul + fusions
+        y = _rotate.rotate(
+            x2, kw.signs, h=h, rows=rows, blocks=nb, dtype=dtype, interpret=interpret
+        )
+        return y.reshape(rows, nb, p, 32, xb), xb
     x = x2
     if kw.signs is not None:  # +-1: exact in any float dtype
         x = x * kw.signs[:k].astype(x.dtype)
@@ -328,13 +344,16 @@ def _plan(kw: KernelPackedWeight, cfg: Config, m: int, out_dtype) -> dict:
 
 
 def prepare_activations(
-    x2: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtype
+    x2: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtype, interpret: bool = False
 ) -> tuple[jax.Array, int]:
     """(M, K) activations -> (kernel operand, XB) for `launch_kernel` (XB = 0: wide layout)."""
     g = _plan(kw, cfg, m, out_dtype)
     p, mp, ux = kw.p, g["mp"], g["ux"]
     if cfg.path != "wide":
-        return kernel_activations(x2, kw, rows=mp, units_x=ux, bku=g["bku"], dtype=g["xdt"])
+        return kernel_activations(
+            x2, kw, rows=mp, units_x=ux, bku=g["bku"], dtype=g["xdt"], rotation=cfg.rotation,
+            interpret=interpret,
+        )
     xr = rotate_activations(x2, kw)
     xr = jnp.pad(xr, [(0, mp - m), (0, ux * 32 * p - xr.shape[1])])
     decode, _ = resolve_decode(cfg.decode, kw, cfg.path)
@@ -404,8 +423,12 @@ def launch_kernel(
     m: int,
     out_dtype,
     interpret: bool,
+    *,
+    bias: jax.Array | None = None,
+    y_dtype=jnp.float32,
 ) -> jax.Array:
-    """Kernel operand from `prepare_activations` -> (M, N) f32 (split-K partials summed by XLA)."""
+    """Kernel operand from `prepare_activations` -> (M, N) ``y_dtype``, ``bias`` (N,) added in
+    f32. Split-K partials summed by XLA (``cfg.reduce == "xla"``) or by the kernel ("kernel")."""
     g = _plan(kw, cfg, m, out_dtype)
     p, cb, N = kw.p, kw.code_bits, kw.N
     bku, split, steps, ux, mp, bm = (g[k] for k in ("bku", "split", "steps", "ux", "mp", "bm"))
@@ -513,25 +536,70 @@ def launch_kernel(
                 f"jax {jax.__version__} does not have; use loop_stages=0"
             )
         name = _compat.loop_stages_name(name, cfg.loop_stages)
-    grid = (n_out // bn, split, mp // bm if cfg.path in ("dot", "wide", "nk") else 1)
-    with _compat.quiet_triton_deprecation():
-        partial = pl.pallas_call(
+    per_row_block = cfg.path in ("dot", "wide", "nk")
+    grid = (n_out // bn, split, mp // bm if per_row_block else 1)
+    partial_shape = jax.ShapeDtypeStruct((split, mp, n_out), jnp.float32)
+    params = dict(
+        grid=grid,
+        compiler_params=None
+        if interpret
+        else _compat.compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=interpret,
+    )
+    if bias is not None:
+        bias = bias.astype(jnp.float32)
+    if cfg.reduce == "kernel":
+        extra = []
+        if bias is not None:
+            extra.append(jnp.pad(bias, (0, n_out - N)).reshape(1, n_out))
+        n_tiles = grid[0] * grid[2]
+        extra.append(jnp.zeros((n_tiles,), jnp.int32))  # per-tile counters, zero at launch
+        kernel = _splitk.with_fixup(
             body,
-            out_shape=jax.ShapeDtypeStruct((split, mp, n_out), jnp.float32),
-            grid=grid,
-            compiler_params=None
-            if interpret
-            else _compat.compiler_params(cfg.num_warps, cfg.num_stages),
+            n_in=len(operands),
+            has_bias=bias is not None,
+            split=split,
+            bn=bn,
+            rows=bm if per_row_block else mp,
+            rows_per_program=per_row_block,
+            tiles_i=grid[2],
             interpret=interpret,
-            name=name,
-        )(*operands)
-    return jnp.sum(partial, axis=0)[:m, :N]
+        )
+        with _compat.quiet_triton_deprecation():
+            _, y, _ = pl.pallas_call(
+                kernel,
+                out_shape=(
+                    partial_shape,
+                    jax.ShapeDtypeStruct((mp, n_out), y_dtype),
+                    jax.ShapeDtypeStruct((n_tiles,), jnp.int32),
+                ),
+                input_output_aliases={len(operands) + len(extra) - 1: 2},
+                name=name + "_rk",
+                **params,
+            )(*operands, *extra)
+        return y[:m, :N]
+    with _compat.quiet_triton_deprecation():
+        partial = pl.pallas_call(body, out_shape=partial_shape, name=name, **params)(*operands)
+    y = jnp.sum(partial, axis=0)[:m, :N]
+    if bias is not None:
+        y = y + bias
+    return y.astype(y_dtype)
 
 
-def _launch(x2: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtype, interpret: bool):
-    """x2: (M, K) activations (not rotated) -> (M, N) f32."""
-    xk, xblk = prepare_activations(x2, kw, cfg, m, out_dtype)
-    return launch_kernel(xk, xblk, kw, cfg, m, out_dtype, interpret)
+def _launch(
+    x2: jax.Array,
+    kw: KernelPackedWeight,
+    cfg: Config,
+    m: int,
+    out_dtype,
+    interpret: bool,
+    *,
+    bias: jax.Array | None = None,
+    y_dtype=jnp.float32,
+):
+    """x2: (M, K) activations (not rotated) -> (M, N) ``y_dtype`` (+ bias)."""
+    xk, xblk = prepare_activations(x2, kw, cfg, m, out_dtype, interpret)
+    return launch_kernel(xk, xblk, kw, cfg, m, out_dtype, interpret, bias=bias, y_dtype=y_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -546,10 +614,10 @@ def _higgs_matmul(x, w, bias, config, interpret):
         cfg = nk_config(m, kw.K, kw.N, code_bits=kw.code_bits)
     else:
         cfg = _default_for(kw, m)
-    y = _launch(x2, kw, cfg, m, x.dtype, interpret)
+    # with sparse outliers the kernel's output stays f32 until they are added (one rounding)
+    y_dtype = jnp.float32 if kw.outlier_values is not None else x.dtype
+    y = _launch(x2, kw, cfg, m, x.dtype, interpret, bias=bias, y_dtype=y_dtype)
     y = apply_outliers(kw, x2, y)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype).reshape(lead + (kw.N,))
 
 
