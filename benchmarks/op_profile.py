@@ -78,20 +78,26 @@ class Case:
         return f"{self.k}x{self.n} M={self.m} {self.grid} {self.path}{extra}"
 
 
-def profile_case(case: Case, calls: int, key) -> dict:
+def build_case(case: Case, key) -> tuple:
+    """(config, weight copies enough to defeat the L2, bf16 activations) of a case."""
     p, n_grid = GRIDS[case.grid]
     cfg = path_config(case.path, case.m, case.k, case.n, p, n_grid)
     if case.overrides:
         cfg = dataclasses.replace(cfg, **parse_variant(case.overrides))
     kw0 = layout_for(random_weight(key, case.k, case.n, p, n_grid), cfg)
-    copies = n_copies(weight_bytes(kw0))
     kws = [kw0] + [
         layout_for(random_weight(jax.random.fold_in(key, i), case.k, case.n, p, n_grid), cfg)
-        for i in range(1, copies)
+        for i in range(1, n_copies(weight_bytes(kw0)))
     ]
+    x = jax.random.normal(jax.random.fold_in(key, 99), (case.m, case.k), jnp.bfloat16)
+    return cfg, kws, x
+
+
+def profile_case(case: Case, calls: int, key) -> dict:
+    cfg, kws, x = build_case(case, key)
+    kw0, copies = kws[0], len(kws)
     inner = max(1, -(-CALLS_PER_ITERATION // copies))
     outer = max(1, -(-calls // (copies * inner)))
-    x = jax.random.normal(jax.random.fold_in(key, 99), (case.m, case.k), jnp.bfloat16)
 
     @jax.jit
     def loop(x, weights):

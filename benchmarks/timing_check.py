@@ -25,35 +25,15 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernel_bench import (  # noqa: E402
-    layout_for,
-    n_copies,
-    path_config,
-    random_weight,
-    torch_matmul_time,
-    weight_bytes,
-)
-from benchmarks.op_profile import Case, profile_case  # noqa: E402
-from benchmarks.tile_sweep import GRIDS, parse_variant  # noqa: E402
+from benchmarks.kernel_bench import n_copies, torch_matmul_time  # noqa: E402
+from benchmarks.op_profile import Case, build_case, profile_case  # noqa: E402
 from pallas_kernels.higgs_matmul import higgs_matmul_pallas  # noqa: E402
 from pallas_kernels.higgs_matmul.autotune import time_device  # noqa: E402
 
 
 def time_case(case: Case, cpis: list[int], reps: int, key) -> dict:
-    import dataclasses
-
-    p, n_grid = GRIDS[case.grid]
-    cfg = path_config(case.path, case.m, case.k, case.n, p, n_grid)
-    if case.overrides:
-        cfg = dataclasses.replace(cfg, **parse_variant(case.overrides))
-    kw0 = layout_for(random_weight(key, case.k, case.n, p, n_grid), cfg)
-    copies = n_copies(weight_bytes(kw0))
-    kws = [kw0] + [
-        layout_for(random_weight(jax.random.fold_in(key, i), case.k, case.n, p, n_grid), cfg)
-        for i in range(1, copies)
-    ]
-    x = jax.random.normal(jax.random.fold_in(key, 99), (case.m, case.k), jnp.bfloat16)
-    row: dict = {"case": case.label, "copies": copies}
+    cfg, kws, x = build_case(case, key)
+    row: dict = {"case": case.label, "copies": len(kws)}
     for c in cpis:
         t = time_device(
             lambda a, w: higgs_matmul_pallas(a, w, config=cfg), x, kws, max(reps, c),
