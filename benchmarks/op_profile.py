@@ -149,8 +149,11 @@ def render(rows: list[dict]) -> str:
             f" idle {r['idle_us_per_step']:.2f} us, {r['kernels_per_step']:.2f} kernels"
         )
         idle = r.get("idle_before_by_name_us_per_call", {})
-        out += ["", "| kernel | category | per call | us per call | mean us | idle before, us per call |",
-                "|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "| kernel | category | per call | us per call | mean us | idle before, us per call |",
+            "|---|---|---|---|---|---|",
+        ]
         for v in r["names"]:
             if v["count_per_step"] < 0.05:
                 continue  # the loop's own once-per-iteration kernels

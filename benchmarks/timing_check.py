@@ -62,7 +62,8 @@ def time_case(case: Case, cpis: list[int], reps: int, key) -> dict:
 
 
 def render(rows: list[dict], cpis: list[int]) -> str:
-    head = ["case", "torch"] + [f"op, {c}/iter" for c in cpis] + ["op, trace busy", "op, trace span"]
+    head = ["case", "torch"] + [f"op, {c}/iter" for c in cpis]
+    head += ["op, trace busy", "op, trace span"]
     head += [f"jnp.dot, {c}/iter" for c in cpis]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -52,7 +52,9 @@ def supported(p: int, h: int) -> tuple[bool, str]:
     if p != 1:
         return False, f"p={p} (the rotation kernel handles p = 1)"
     if h & (h - 1) or not MIN_H <= h <= MAX_H:
-        return False, f"hadamard_size={h} (the rotation kernel needs a power of two in [{MIN_H}, {MAX_H}])"
+        return False, (
+            f"hadamard_size={h} (the rotation kernel needs a power of two in [{MIN_H}, {MAX_H}])"
+        )
     return True, "ok"
 
 
@@ -144,7 +146,10 @@ def rotate(
         f32_in=f32_in, interpret=interpret,
     )
     if s is None:
-        body_fn = lambda x_ref, ha_ref, hb_ref, o_ref: body(x_ref, None, ha_ref, hb_ref, o_ref)  # noqa: E731
+
+        def body_fn(x_ref, ha_ref, hb_ref, o_ref):
+            body(x_ref, None, ha_ref, hb_ref, o_ref)
+
         operands = (x2, ha, hb)
     else:
         body_fn = body
