@@ -1,13 +1,13 @@
 """Where one HIGGS matmul's time goes: the device kernels of the full op, one by one.
 
-For each (shape, M, grid, path) this runs R back-to-back calls of `higgs_matmul_pallas` inside one
-jitted `lax.fori_loop` (the same loop as `autotune.time_device`: the next call's activations
+For each (shape, M, grid, path) this runs R back-to-back calls of `higgs_matmul_pallas` in the
+loop that `autotune.time_device` times (`autotune.timing_loop`: the next call's activations
 depend on the previous output, and the body cycles through enough weight copies to defeat the
 L2) under `jax.profiler.trace`, reads the GPU kernel events back from the Perfetto trace
 (`decode_profile.device_kernels`) and prints, per call: the span on the device, the busy and idle
 time, and each kernel (rotation fusions, the Pallas kernel, the split-K sum, ...) with its mean
-duration. The loop's own per-iteration cost (the trip predicate's copy to the host) is spread
-over the calls of an iteration, as in the timing loop.
+duration and the idle time before it. The loop's own per-iteration cost (the trip predicate's
+copy to the host) is spread over the calls of an iteration, as in the timing loop.
 
 Usage (GPU): PYTHONPATH=. python benchmarks/op_profile.py --out $OUT \
                  --cases 8192x28672:1:p1_4b:default 8192x28672:16:p1_4b:nk
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,7 +40,7 @@ from benchmarks.kernel_bench import (  # noqa: E402
 )
 from benchmarks.tile_sweep import GRIDS, parse_variant  # noqa: E402
 from pallas_kernels.higgs_matmul import higgs_matmul_pallas  # noqa: E402
-from pallas_kernels.higgs_matmul.autotune import CALLS_PER_ITERATION  # noqa: E402
+from pallas_kernels.higgs_matmul.autotune import timing_loop  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,30 +94,15 @@ def build_case(case: Case, key) -> tuple:
 
 def profile_case(case: Case, calls: int, key) -> dict:
     cfg, kws, x = build_case(case, key)
-    kw0, copies = kws[0], len(kws)
-    inner = max(1, -(-CALLS_PER_ITERATION // copies))
-    outer = max(1, -(-calls // (copies * inner)))
-
-    @jax.jit
-    def loop(x, weights):
-        def body(_, x):
-            for _ in range(inner):
-                for w in weights:
-                    y = higgs_matmul_pallas(x, w, config=cfg)
-                    x = x + (y.reshape(-1)[0] * 0).astype(x.dtype)
-            return x
-
-        return lax.fori_loop(0, outer, body, x)
-
+    loop, n_calls = timing_loop(lambda a, w: higgs_matmul_pallas(a, w, config=cfg), kws, calls)
     loop(x, kws).block_until_ready()  # compile + warm up
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             loop(x, kws).block_until_ready()
         kernels, lines = dp.device_kernels(dp.load_trace(Path(tmp)))
-    n_calls = outer * inner * copies
     summary = dp.summarize(kernels, n_calls)
     summary["idle_before_by_name_us_per_call"] = idle_before_by_name(kernels, n_calls)
-    hlo = jax.jit(lambda a, w: higgs_matmul_pallas(a, w, config=cfg)).lower(x, kw0).compile()
+    hlo = jax.jit(lambda a, w: higgs_matmul_pallas(a, w, config=cfg)).lower(x, kws[0]).compile()
     summary["hlo"] = hlo.as_text()
     summary.update(case=case.label, config=cfg.to_dict(), calls=n_calls, trace_lines=lines)
     return summary

@@ -43,3 +43,30 @@ def test_idle_before_by_name():
 def test_main_without_gpu(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--smoke"]) == 0
     assert "no GPU" in capsys.readouterr().out
+
+
+def test_timing_loop_bad_calls_per_iteration():
+    from pallas_kernels.higgs_matmul.autotune import time_device, timing_loop
+
+    with pytest.raises(ValueError, match="calls_per_iteration must be >= 1, got 0"):
+        timing_loop(lambda a, w: a * w, [2.0], 4, calls_per_iteration=0)
+    with pytest.raises(ValueError, match="calls_per_iteration must be >= 1, got -3"):
+        time_device(lambda a, w: a * w, None, [2.0], 4, calls_per_iteration=-3)
+
+
+def test_timing_loop_counts_calls():
+    import jax.numpy as jnp
+
+    from pallas_kernels.higgs_matmul.autotune import timing_loop
+
+    loop, calls = timing_loop(lambda a, w: a * w, [jnp.float32(1), jnp.float32(1)], 5,
+                              calls_per_iteration=4)
+    assert calls == 8  # 2 copies x 2 passes per iteration x 2 iterations >= 5
+    assert float(loop(jnp.ones(3), [jnp.float32(1), jnp.float32(1)])[0]) == 1.0
+
+
+def test_timing_check_rejects_bad_cpi(tmp_path):
+    from benchmarks.timing_check import main as tc_main
+
+    with pytest.raises(SystemExit):
+        tc_main(["--out", str(tmp_path), "--cpi", "32", "0"])

@@ -30,16 +30,17 @@ from pallas_kernels.higgs_matmul.config import Config, candidate_configs, nk_can
 CALLS_PER_ITERATION = 32
 
 
-def time_device(
+def timing_loop(
     fn: Callable,
-    x: jax.Array,
     weights: Sequence,
     reps: int = 100,
     *,
     calls_per_iteration: int = CALLS_PER_ITERATION,
-) -> float:
-    """Seconds per call of ``fn(x, w)`` on the device, cycling through ``weights`` copies;
-    ``calls_per_iteration``: calls unrolled in one iteration of the loop (at least)."""
+) -> tuple[Callable, int]:
+    """(jitted ``loop(x, weights)``, calls it makes): at least ``reps`` back-to-back calls of
+    ``fn(x, w)`` in a `lax.fori_loop`, cycling through the ``weights`` copies, at least
+    ``calls_per_iteration`` of them unrolled per iteration. `time_device` times it;
+    `benchmarks/op_profile.py` traces it."""
     if calls_per_iteration < 1:
         raise ValueError(f"calls_per_iteration must be >= 1, got {calls_per_iteration}")
     copies = len(weights)
@@ -53,17 +54,32 @@ def time_device(
                 for w in weights:
                     y = fn(x, w)
                     # A real data dependency of the next call on this output (x + 0*y[0]): XLA
-                    # neither hoists nor dead-code-eliminates the call, and the add fuses into
-                    # the consumer of x (the rotation), so it costs no extra launch for our op.
+                    # neither hoists nor dead-code-eliminates the call. The add is one small
+                    # fusion per call (1.2-2.0 us on an H100, session 15 `op_profile.py`), into
+                    # which XLA also folds the part of the op's epilogue that y[0] needs.
                     x = x + (y.reshape(-1)[0] * 0).astype(x.dtype)
             return x
 
         return lax.fori_loop(0, outer, body, x)
 
+    return loop, outer * inner * copies
+
+
+def time_device(
+    fn: Callable,
+    x: jax.Array,
+    weights: Sequence,
+    reps: int = 100,
+    *,
+    calls_per_iteration: int = CALLS_PER_ITERATION,
+) -> float:
+    """Seconds per call of ``fn(x, w)`` on the device, cycling through ``weights`` copies;
+    ``calls_per_iteration``: calls unrolled in one iteration of the loop (at least)."""
+    loop, calls = timing_loop(fn, weights, reps, calls_per_iteration=calls_per_iteration)
     loop(x, weights).block_until_ready()  # compile + warm up
     t0 = time.perf_counter()
     loop(x, weights).block_until_ready()
-    return (time.perf_counter() - t0) / (outer * inner * copies)
+    return (time.perf_counter() - t0) / calls
 
 
 def time_host_call(fn: Callable, x: jax.Array, w, reps: int = 20) -> float:

@@ -34,7 +34,6 @@ def finish_tile(
     cnt_ref,  # (tiles,) int32 counters, zero at launch
     b_ref,  # (1, N_out) f32 bias, or None
     *,
-    s,
     tile,
     split: int,
     r0,
@@ -45,8 +44,7 @@ def finish_tile(
 ) -> None:
     """Sum the split-K partials of the output tile (rows [r0, r0 + rows), columns [n0, n0 + bn))
     if this program is the last of its tile to finish; see the module docstring."""
-    del s  # the counter, not the program's own index, says who is last
-
+    # the counter, not the program's own split index, says which program is last
     def write():
         tot = None
         for t in range(split):
@@ -78,9 +76,9 @@ def with_fixup(body, *, n_in: int, has_bias: bool, split: int, bn: int, rows: in
         b_ref = refs[n_in] if has_bias else None
         o_ref, y_ref, cnt_ref = refs[-3:]
         body(*ins, o_ref)
-        j, s, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        j, i = pl.program_id(0), pl.program_id(2)
         finish_tile(
-            o_ref, y_ref, cnt_ref, b_ref, s=s, tile=j * tiles_i + i, split=split,
+            o_ref, y_ref, cnt_ref, b_ref, tile=j * tiles_i + i, split=split,
             r0=i * rows if rows_per_program else 0, rows=rows,
             n0=pl.multiple_of(j * bn, bn), bn=bn, interpret=interpret,
         )
