@@ -124,11 +124,25 @@ def model_config(layers: int | None, tiny: bool) -> llama.LlamaConfig:
     )
 
 
+def split_variant(name: str) -> tuple[str, dict]:
+    """``"p1_4b@rotation=xla,reduce=kernel"`` -> ("p1_4b", {"rotation": "xla", ...}): a variant
+    may carry its own kernel options (the `--kernel-options` keys), so one run can time the same
+    weights under two kernel settings. Raises ValueError naming a bad name or option."""
+    base, sep, opts = name.partition("@")
+    if base not in VARIANTS:
+        raise ValueError(f"unknown variant {base!r} in {name!r}; known: {sorted(VARIANTS)}")
+    if not sep:
+        return base, {}
+    if VARIANTS[base] is None:
+        raise ValueError(f"variant {name!r}: the bf16 baseline takes no kernel options")
+    if not opts:
+        raise ValueError(f"variant {name!r}: nothing after '@' (expected KEY=VALUE[,KEY=VALUE])")
+    return base, parse_kernel_options(opts.split(","))
+
+
 def variant_spec(name: str) -> HiggsConfig | None:
     """The HIGGS spec of a variant (library defaults apart from p and bits), None for bf16."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; known: {sorted(VARIANTS)}")
-    pb = VARIANTS[name]
+    pb = VARIANTS[split_variant(name)[0]]
     return None if pb is None else HiggsConfig(bits=pb[1], p=pb[0])
 
 
@@ -241,11 +255,13 @@ def linear_implementation(mode: str) -> Iterator[None]:
         raise ValueError(f"mode must be 'xla', 'pallas' or 'interpret', got {mode!r}")
     original = llama.linear
 
-    def routed(x, kernel, bias=None):
+    def routed(x, kernel, bias=None, **norm):  # norm: norm_scale / norm_eps of a pre-norm
         if isinstance(kernel, HiggsTensor):
             impl = "xla" if mode == "xla" else "pallas"
-            return higgs_matmul(x, kernel, bias, implementation=impl, interpret=mode == "interpret")
-        return original(x, kernel, bias)
+            return higgs_matmul(
+                x, kernel, bias, implementation=impl, interpret=mode == "interpret", **norm
+            )
+        return original(x, kernel, bias, **norm)
 
     llama.linear = routed
     try:
@@ -318,7 +334,7 @@ def run_check(args: argparse.Namespace) -> Iterator[dict]:
 
     Yields one row per batch (so a failure at a larger batch keeps the earlier rows).
     """
-    quantized = [v for v in args.variants if VARIANTS[v] is not None]
+    quantized = [v for v in args.variants if variant_spec(v) is not None]
     if not quantized:
         return
     name = quantized[0]
@@ -539,7 +555,14 @@ def child_argv(args: argparse.Namespace, job: str) -> list[str]:
 
 
 #: `Config` fields ``--kernel-options`` may set, with their parsers.
-KERNEL_OPTIONS = {"words": str, "fused_fma": lambda v: {"0": False, "1": True}[v]}
+KERNEL_OPTIONS = {
+    "words": str,
+    "fused_fma": lambda v: {"0": False, "1": True}[v],
+    "rotation": str,
+    "reduce": str,
+}
+#: Options that apply to every path's config; the others only to the M <= 8 (fma) configs.
+ALL_PATH_OPTIONS = frozenset({"rotation", "reduce"})
 
 
 def parse_kernel_options(items: Sequence[str]) -> dict:
@@ -563,20 +586,31 @@ def parse_kernel_options(items: Sequence[str]) -> dict:
 
 
 def apply_kernel_options(options: dict) -> None:
-    """In this (child) process, every heuristic M <= 8 kernel config gets ``options``: the
-    model's matmuls call `default_config` through the wrapper, so the timed decode step runs
-    exactly these kernels. Benchmark-only; the library's defaults are untouched elsewhere."""
+    """In this (child) process the heuristic kernel configs get ``options``: `ALL_PATH_OPTIONS`
+    on every config (the default layout's and the nk16 layout's), the others on the M <= 8 (fma)
+    configs. The model's matmuls call `default_config` / `nk_config` through the wrapper, so the
+    timed decode step runs exactly these kernels. Benchmark-only; the library's defaults are
+    untouched elsewhere."""
     import dataclasses
 
     from pallas_kernels.higgs_matmul import wrapper
 
-    base = wrapper.default_config
+    every = {k: v for k, v in options.items() if k in ALL_PATH_OPTIONS}
+    fma_only = {k: v for k, v in options.items() if k not in ALL_PATH_OPTIONS}
 
-    def patched(m, k, n, p, bits):
-        cfg = base(m, k, n, p, bits)
-        return dataclasses.replace(cfg, **options) if cfg.path == "fma" else cfg
+    def patch(base):
+        def patched(*a, **kw):
+            cfg = base(*a, **kw)
+            cfg = dataclasses.replace(cfg, **every) if every else cfg
+            if fma_only and cfg.path == "fma":
+                cfg = dataclasses.replace(cfg, **fma_only)
+            return cfg
 
-    wrapper.default_config = patched
+        return patched
+
+    wrapper.default_config = patch(wrapper.default_config)
+    if hasattr(wrapper, "nk_config"):
+        wrapper.nk_config = patch(wrapper.nk_config)
 
 
 def run_subprocess(args: argparse.Namespace, job: str, timeout_s: float) -> list[dict]:
@@ -740,8 +774,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override the M <= 8 kernel defaults of every quantized variant, e.g. words=eager "
-        "fused_fma=1 (pallas_kernels.higgs_matmul.Config fields)",
+        help="override the kernel defaults of every quantized variant, e.g. words=eager "
+        "fused_fma=1 (M <= 8 configs) or rotation=xla (every config); pallas_kernels.higgs_matmul"
+        ".Config fields. One variant's own options: p1_4b@rotation=xla",
     )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -771,8 +806,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
     if args.one:
-        if args.kernel_options_parsed:
-            apply_kernel_options(args.kernel_options_parsed)
+        options = {**args.kernel_options_parsed, **split_variant(args.one)[1]}
+        if options:
+            apply_kernel_options(options)
         for rec in run_one(args, args.one):
             print(RESULT_PREFIX + json.dumps(rec), flush=True)
         return {}

@@ -151,7 +151,13 @@ def profile_variant(args: argparse.Namespace, name: str) -> dict:
     spec = db.variant_spec(name)
     config = db.model_config(args.layers, args.tiny)
     gpu = db.on_gpu()
-    params = db.build_params(config, spec, jax.random.key(0), kernel_layout=gpu and spec is not None)
+    params = db.build_params(
+        config,
+        spec,
+        jax.random.key(0),
+        kernel_layout=gpu and spec is not None,
+        quantize_lm_head=args.quantize_lm_head,
+    )
     if args.fuse:
         from higgs_jax.fuse import fuse_projections
 
@@ -160,6 +166,10 @@ def profile_variant(args: argparse.Namespace, name: str) -> dict:
     n = jnp.asarray(args.steps, jnp.int32)
     cache = db.random_cache(jax.random.key(1), config, args.batch, args.cache_len, args.ctx)
     tok = jnp.zeros((args.batch, 1), jnp.int32)
+    if args.hlo:  # the optimized HLO names every fusion the trace lists (what each computes)
+        text = loop.lower(params, tok, cache, n).compile().as_text()
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        (Path(args.out) / f"hlo_{safe}.txt").write_text(text)
     tok, cache = loop(params, tok, cache, n)  # compile + warm-up
     jax.block_until_ready(tok)
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-len", type=int, default=512)
     ap.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up (all variants)")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="the lm_head kernel is a HIGGS tensor of each quantized variant's spec too",
+    )
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--hlo", action="store_true", help="write each variant's optimized HLO")
     ap.add_argument("--dump-events", type=int, default=0, help="write the first N raw events")
     args = ap.parse_args(argv)
     for v in args.variants:
@@ -231,8 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    from pallas_kernels.higgs_matmul import wrapper
+
+    defaults = wrapper.default_config, wrapper.nk_config
     for v in args.variants:
-        rows.append(profile_variant(args, v))
+        options = db.split_variant(v)[1]  # "p1_4b@rotation=xla": this variant's kernel options
+        # The wrapper's jitted entry point caches its trace per argument shapes, not per the
+        # config functions patched here: start every variant from empty caches.
+        jax.clear_caches()
+        if options:
+            db.apply_kernel_options(options)
+        try:
+            rows.append(profile_variant(args, v))
+        finally:
+            wrapper.default_config, wrapper.nk_config = defaults
         (out / "decode_profile.json").write_text(json.dumps(rows, indent=1))
     text = render(rows, args.top)
     (out / "decode_profile.md").write_text(text)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from higgs_jax.norms import norm_problems, rms_norm
 from higgs_jax.qtensor import HiggsTensor, apply_outliers, decode_rotated, rotate_activations
 
 Implementation = Literal["auto", "xla", "pallas"]
@@ -66,6 +67,14 @@ def can_use_pallas(x: jax.Array, qt: HiggsTensor) -> tuple[bool, str]:
     return module.can_use_pallas(x, qt)
 
 
+def _check_norm(x: jax.Array, norm_scale, norm_eps) -> None:
+    if norm_scale is None and norm_eps is None:
+        return
+    problems = norm_problems(x, norm_scale, norm_eps)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def higgs_matmul(
     x: jax.Array,
     qt: HiggsTensor,
@@ -73,6 +82,8 @@ def higgs_matmul(
     *,
     implementation: Implementation = "auto",
     interpret: bool | None = None,
+    norm_scale: jax.Array | None = None,
+    norm_eps: float | None = None,
 ) -> jax.Array:
     """``x @ dequantize(qt) (+ bias)`` without materialising the dense weight.
 
@@ -83,6 +94,9 @@ def higgs_matmul(
       implementation: "auto" (Pallas on supported NVIDIA GPUs, XLA elsewhere), "xla", "pallas".
       interpret: run the Pallas kernel in interpret mode (CPU testing); implies "pallas" is allowed
         off-GPU.
+      norm_scale, norm_eps: give both to compute ``rms_norm(x, norm_scale, norm_eps) @ W``
+        (`higgs_jax.norms.rms_norm`). The Pallas path normalises inside its activation-rotation
+        kernel where that kernel applies (p = 1, h = 512..2048), saving the norm's own launches.
 
     Returns:
       (..., N) in x's dtype.
@@ -90,12 +104,14 @@ def higgs_matmul(
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
     _check_operands(x, qt)
-    if implementation == "xla":
+    _check_norm(x, norm_scale, norm_eps)
+    use_xla = implementation == "xla" or (
+        implementation == "auto" and not interpret and not can_use_pallas(x, qt)[0]
+    )
+    if use_xla:
+        if norm_scale is not None:
+            x = rms_norm(x, norm_scale, norm_eps)
         return higgs_matmul_xla(x, qt, bias)
-    if implementation == "auto" and not interpret:
-        ok, _ = can_use_pallas(x, qt)
-        if not ok:
-            return higgs_matmul_xla(x, qt, bias)
     module = _pallas_module()
     if module is None:
         raise ValueError("implementation='pallas' but pallas_kernels is not importable")
@@ -103,18 +119,34 @@ def higgs_matmul(
         ok, why = module.can_use_pallas(x, qt)
         if not ok:
             raise ValueError(f"implementation='pallas' is not available here: {why}")
-    return module.higgs_matmul_pallas(x, qt, bias=bias, interpret=bool(interpret))
+    return module.higgs_matmul_pallas(
+        x, qt, bias=bias, interpret=bool(interpret), norm_scale=norm_scale, norm_eps=norm_eps
+    )
 
 
 def linear(
-    x: jax.Array, kernel: Any, bias: jax.Array | None = None, *, implementation: Implementation = "auto"
+    x: jax.Array,
+    kernel: Any,
+    bias: jax.Array | None = None,
+    *,
+    implementation: Implementation = "auto",
+    norm_scale: jax.Array | None = None,
+    norm_eps: float | None = None,
 ) -> jax.Array:
-    """``x @ kernel + bias`` for a Flax (in, out) kernel that is an array or a `HiggsTensor`."""
+    """``x @ kernel + bias`` for a Flax (in, out) kernel that is an array or a `HiggsTensor`;
+    with ``norm_scale``/``norm_eps``, ``rms_norm(x) @ kernel + bias`` (see `higgs_matmul`)."""
     if isinstance(kernel, HiggsTensor):
-        return higgs_matmul(x, kernel, bias, implementation=implementation)
+        return higgs_matmul(
+            x, kernel, bias, implementation=implementation, norm_scale=norm_scale, norm_eps=norm_eps
+        )
     if type(kernel).__name__ == "KernelPackedWeight":  # repacked once for the GPU kernel
         module = _pallas_module()
-        return module.higgs_matmul_pallas(x, kernel, bias=bias)
+        return module.higgs_matmul_pallas(
+            x, kernel, bias=bias, norm_scale=norm_scale, norm_eps=norm_eps
+        )
+    _check_norm(x, norm_scale, norm_eps)
+    if norm_scale is not None:
+        x = rms_norm(x, norm_scale, norm_eps)
     y = jnp.matmul(x, kernel.astype(x.dtype))
     if bias is not None:
         y = y + bias.astype(y.dtype)

@@ -184,6 +184,43 @@ def test_kernel_options_reach_the_default_config(monkeypatch):
     assert dot.path == "dot" and dot.words == "lazy" and not dot.fused_fma
 
 
+def test_rotation_option_reaches_every_path(monkeypatch):
+    """rotation/reduce apply to the fma, dot and nk16 configs alike; words only to fma."""
+    from benchmarks import decode_bench
+    from pallas_kernels.higgs_matmul import wrapper
+
+    monkeypatch.setattr(wrapper, "default_config", wrapper.default_config)
+    monkeypatch.setattr(wrapper, "nk_config", wrapper.nk_config)
+    assert wrapper.default_config(1, 4096, 4096, 1, 4).rotation == "kernel"  # library default
+    decode_bench.apply_kernel_options({"rotation": "xla", "words": "eager"})
+    fma = wrapper.default_config(1, 4096, 4096, 1, 4)
+    dot = wrapper.default_config(64, 4096, 4096, 1, 4)
+    nk = wrapper.nk_config(16, 4096, 4096, code_bits=4)
+    assert fma.rotation == dot.rotation == nk.rotation == "xla"
+    assert fma.words == "eager" and dot.words != "eager"
+
+
+def test_variant_with_its_own_kernel_options():
+    from benchmarks import decode_bench
+
+    assert decode_bench.split_variant("p1_4b") == ("p1_4b", {})
+    assert decode_bench.split_variant("p1_4b@rotation=xla,fused_fma=1") == (
+        "p1_4b",
+        {"rotation": "xla", "fused_fma": True},
+    )
+    assert decode_bench.variant_spec("p1_4b@rotation=xla").bits == 4
+    with pytest.raises(ValueError, match="'p9_4b'"):
+        decode_bench.split_variant("p9_4b@rotation=xla")
+    with pytest.raises(ValueError, match="rotation must be one of"):
+        decode_bench.split_variant("p1_4b@rotation=fast")
+    with pytest.raises(ValueError, match="bf16 baseline takes no kernel options"):
+        decode_bench.split_variant("bf16@rotation=xla")
+    with pytest.raises(ValueError, match="nothing after '@'"):
+        decode_bench.split_variant("p1_4b@")
+    args = decode_bench.parse_args(["--variants", "bf16", "p1_4b", "p1_4b@rotation=xla"])
+    assert args.variants[-1] == "p1_4b@rotation=xla"
+
+
 def test_quantize_lm_head_makes_the_head_a_higgs_tensor():
     """--quantize-lm-head: the lm_head kernel becomes a HIGGS tensor of the variant's spec (the
     embeddings stay bf16), the params shrink, and one decode step through the quantized head

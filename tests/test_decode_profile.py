@@ -64,3 +64,26 @@ def test_nonpositive_sizes_are_named(flag, tmp_path, capsys):
         dp.main(["--out", str(tmp_path), "--tiny", flag, "0"])
     err = capsys.readouterr().err
     assert "must be >= 1, got" in err and "0" in err.split("got")[-1]
+
+
+def test_variant_options_apply_then_restore(tmp_path, monkeypatch):
+    """A variant's own kernel options (p1_4b@rotation=xla) are in force while it is profiled
+    and the library's config functions are restored afterwards."""
+    from benchmarks import decode_bench as db
+    from pallas_kernels.higgs_matmul import wrapper
+
+    before = wrapper.default_config, wrapper.nk_config
+    seen = []
+
+    def fake_profile(args, name):
+        seen.append((name, wrapper.default_config(1, 4096, 4096, 1, 4).rotation))
+        return {"variant": name}
+
+    monkeypatch.setattr(dp, "profile_variant", fake_profile)
+    monkeypatch.setattr(dp, "render", lambda rows, top: "ok")
+    dp.main(["--out", str(tmp_path), "--tiny", "--variants", "p1_4b@rotation=xla", "p1_4b"])
+    assert seen == [("p1_4b@rotation=xla", "xla"), ("p1_4b", "kernel")]
+    assert (wrapper.default_config, wrapper.nk_config) == before
+    with pytest.raises(ValueError, match="rotation must be one of"):
+        dp.main(["--out", str(tmp_path), "--tiny", "--variants", "p1_4b@rotation=slow"])
+    assert db.split_variant("p1_4b")[1] == {}

@@ -109,6 +109,73 @@ def test_rotation_bad_input():
                       interpret=True)
 
 
+def _norm_case(m, k, dtype, seed=0):
+    key = jax.random.key(seed)
+    # a residual stream with a large common scale, so an un-normalised x would be far off
+    x = (30.0 * jax.random.normal(key, (m, k), jnp.float32)).astype(dtype)
+    scale = jax.random.uniform(jax.random.fold_in(key, 1), (k,), jnp.float32, 0.5, 1.5)
+    return x, scale
+
+
+@pytest.mark.parametrize(
+    "m,k,dtype,path",
+    [
+        (1, 1536, jnp.bfloat16, "fma"),
+        (3, 1500, jnp.float32, "fma"),  # K not a multiple of h: the mean is over the K entries
+        (20, 1100, jnp.float16, "dot"),
+    ],
+)
+def test_rotation_kernel_with_rms_norm(m, k, dtype, path):
+    """norm=(scale, eps): the kernel's operand equals the XLA route's operand of rms_norm(x)."""
+    from higgs_jax.norms import rms_norm
+
+    w = _weight(k, 64, 16, 512)
+    cfg = Config(block_n=64, block_k=512, split_k=2, path=path, block_m=16, rotation="xla")
+    x, scale = _norm_case(m, k, dtype)
+    a, _ = wrapper.prepare_activations(rms_norm(x, scale, 1e-5), w, cfg, m, dtype, True)
+    b, _ = wrapper.prepare_activations(
+        x, w, dataclasses.replace(cfg, rotation="kernel"), m, dtype, True, norm=(scale, 1e-5)
+    )
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 2 ** -7
+    np.testing.assert_allclose(b, a, rtol=tol, atol=tol * np.abs(a).max())
+    assert np.all(b[m:] == 0)
+    # the XLA route with norm= is rms_norm first: bit-identical to normalising by hand
+    c, _ = wrapper.prepare_activations(x, w, cfg, m, dtype, True, norm=(scale, 1e-5))
+    np.testing.assert_array_equal(np.asarray(c, np.float32), a)
+
+
+@pytest.mark.parametrize("rotation", ["kernel", "xla"])
+def test_higgs_matmul_with_norm_matches_reference(rotation):
+    from higgs_jax.norms import rms_norm
+
+    w = _weight(1024, 64, 16, 512)
+    x, scale = _norm_case(2, 1024, jnp.float32, seed=3)
+    cfg = Config(block_n=64, block_k=512, split_k=2, path="fma", rotation=rotation)
+    y = higgs_matmul_pallas(x, w, config=cfg, interpret=True, norm_scale=scale, norm_eps=1e-6)
+    xn = rms_norm(x, scale, 1e-6)
+    # the same kernel on x normalised by hand: only the f32 summation order of the norm differs
+    assert rel_err(y, higgs_matmul_pallas(xn, w, config=cfg, interpret=True)) < 1e-5
+    assert rel_err(y, higgs_matmul_reference(xn, w)) < 2e-3
+    assert rel_err(y, higgs_matmul_reference(x, w)) > 0.5  # the norm did happen
+
+
+def test_norm_bad_input():
+    w = _weight(1024, 64, 16, 512)
+    x = jnp.ones((2, 1024), jnp.float32)
+    with pytest.raises(ValueError, match=r"norm_scale has shape \(512,\), want \(1024,\)"):
+        higgs_matmul_pallas(x, w, interpret=True, norm_scale=jnp.ones(512), norm_eps=1e-5)
+    with pytest.raises(ValueError, match="norm_eps must be a positive float, got None"):
+        higgs_matmul_pallas(x, w, interpret=True, norm_scale=jnp.ones(1024))
+    with pytest.raises(ValueError, match="norm_eps must be a positive float, got -1.0"):
+        higgs_matmul_pallas(x, w, interpret=True, norm_scale=jnp.ones(1024), norm_eps=-1.0)
+    with pytest.raises(ValueError, match="norm_scale has shape NoneType"):
+        higgs_matmul_pallas(x, w, interpret=True, norm_eps=1e-5)
+    with pytest.raises(ValueError, match=r"rotation kernel: norm wants a \(1024,\) scale"):
+        rotate.rotate(x, None, h=512, rows=2, blocks=2, dtype=jnp.float32, interpret=True,
+                      norm=(jnp.ones(3), 1e-5))
+
+
 # -- GPU ------------------------------------------------------------------------------------------
 gpu = pytest.mark.skipif(not _on_gpu(), reason="needs an NVIDIA GPU")
 
@@ -154,3 +221,77 @@ def test_gpu_kernel_rotation_split_k_padding(cb):
     for rot in ("xla", "kernel"):
         y = higgs_matmul_pallas(x, w, config=dataclasses.replace(cfg, rotation=rot))
         assert rel_err(y, higgs_matmul_reference(x.astype(jnp.float32), w)) < 2e-2, rot
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(
+    "m,k,dtype,path",
+    [(1, 4096, jnp.bfloat16, "fma"), (3, 4000, jnp.float32, "fma"), (16, 4096, jnp.bfloat16, "dot")],
+)
+def test_gpu_rotation_kernel_with_rms_norm(m, k, dtype, path):
+    from higgs_jax.norms import rms_norm
+
+    w = _weight(k, 128, 16, 512)
+    cfg = Config(block_n=128, block_k=512, split_k=2, path=path, block_m=16, rotation="kernel")
+    x, scale = _norm_case(m, k, dtype)
+    a, _ = wrapper.prepare_activations(rms_norm(x, scale, 1e-5), w, cfg, m, dtype, False)
+    b, _ = wrapper.prepare_activations(x, w, cfg, m, dtype, False, norm=(scale, 1e-5))
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 2 ** -7
+    np.testing.assert_allclose(b, a, rtol=tol, atol=tol * np.abs(a).max())
+    y = higgs_matmul_pallas(x, w, config=cfg, norm_scale=scale, norm_eps=1e-5)
+    ref = higgs_matmul_reference(rms_norm(x, scale, 1e-5).astype(jnp.float32), w)
+    assert rel_err(y, ref) < 2e-2
+
+
+def test_model_with_norm_fused_into_the_rotation_kernel(monkeypatch):
+    """The Flax model hands its pre-norms to `linear` (q/k/v, gate/up, lm_head): on the Pallas
+    path (interpret) with p = 1, h = 512 the rotation kernel normalises, and the logits match
+    the XLA path (which normalises with `rms_norm` first). The kernel route is really taken:
+    the rotations of qkv, gate_up and the lm_head get the norm, those of o and down do not."""
+    from benchmarks import decode_bench as db
+    from higgs_jax.config import HiggsConfig
+    from higgs_jax.fuse import fuse_projections
+    from higgs_jax.models.llama import LlamaConfig, forward, random_params
+    from higgs_jax.params import KERNEL_PATTERN, Rule, quantize_params
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=512, intermediate_size=1024, num_layers=1, num_heads=4,
+        num_kv_heads=2, head_dim=128, rope_theta=1000.0, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    params = random_params(config, jax.random.key(0))
+    assert "lm_head" in params
+    spec = HiggsConfig(bits=4, p=1, hadamard_size=512)
+    q, _ = quantize_params(params, (Rule(r"embed_tokens", None), Rule(KERNEL_PATTERN, spec)))
+    q, _ = fuse_projections(q)
+    tok = jax.random.randint(jax.random.key(1), (1, 1), 0, config.vocab_size, jnp.int32)
+    calls = []
+    real = rotate.rotate
+
+    def spy(*a, norm=None, **kw):
+        calls.append(norm is not None)
+        return real(*a, norm=norm, **kw)
+
+    monkeypatch.setattr(rotate, "rotate", spy)
+    jax.clear_caches()  # the wrapper's jitted entry point would reuse traces of other tests
+
+    def logits(mode):
+        with db.linear_implementation(mode):
+            return jax.jit(lambda p, t: forward(p, t, config, dtype=jnp.float32)[0])(q, tok)
+
+    a, b = logits("xla"), logits("interpret")
+    # one trace per weight shape: qkv, gate_up and lm_head normalise in the kernel, o and down not
+    assert sorted(calls) == [False, False, True, True, True]
+    assert rel_err(b, a) < 1e-2  # five 4-bit kernel matmuls against the XLA decode
+    # the same kernels with the XLA rotation (rms_norm by XLA first): only where the norm is
+    # computed differs
+    monkeypatch.setattr(wrapper, "default_config", wrapper.default_config)
+    monkeypatch.setattr(wrapper, "nk_config", wrapper.nk_config)
+    db.apply_kernel_options({"rotation": "xla"})
+    jax.clear_caches()
+    calls.clear()
+    c = logits("interpret")
+    assert calls == []
+    assert rel_err(b, c) < 1e-4

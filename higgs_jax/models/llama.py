@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from higgs_jax.matmul import linear
+from higgs_jax.norms import rms_norm
 
 Params = dict[str, Any]
 Cache = dict[str, Any]
@@ -291,11 +292,6 @@ def _random_params_jit(config: LlamaConfig, key: jax.Array, dtype: Any) -> Param
 # ----------------------------------------------------------------------------- layers
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, returned in ``x.dtype``."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -333,6 +329,12 @@ def _rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array
 
 def _linear(x: jax.Array, p: Mapping[str, Any]) -> jax.Array:
     return linear(x, p["kernel"], p.get("bias"))
+
+
+def _normed_linear(h: jax.Array, norm: Mapping[str, Any], eps: float, p: Mapping[str, Any]):
+    """``rms_norm(h) @ kernel (+ bias)``: one call, so the Pallas path can normalise inside its
+    rotation kernel (`higgs_jax.matmul.linear`); every other path computes `rms_norm` first."""
+    return linear(h, p["kernel"], p.get("bias"), norm_scale=norm["scale"], norm_eps=eps)
 
 
 def _attention(
@@ -412,13 +414,15 @@ def decoder_block(
     B, T = h.shape[:2]
     inv_freq = rope_inv_freq(c)
     taps: dict | None = {} if capture else None
-    x = rms_norm(h, lp["input_norm"]["scale"], c.rms_norm_eps)
+    eps = c.rms_norm_eps
     ap = lp["attn"]
     if "qkv_proj" in ap:  # fused at load time (higgs_jax.fuse): one matmul, split by width
-        qkv = _linear(x, ap["qkv_proj"])
+        qkv = _normed_linear(h, lp["input_norm"], eps, ap["qkv_proj"])
         q, k, v = jnp.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
     else:
-        q, k, v = (_linear(x, ap[n]) for n in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (
+            _normed_linear(h, lp["input_norm"], eps, ap[n]) for n in ("q_proj", "k_proj", "v_proj")
+        )
     q = q.reshape(B, T, c.num_heads, c.head_dim)
     k = k.reshape(B, T, c.num_kv_heads, c.head_dim)
     v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
@@ -433,19 +437,25 @@ def decoder_block(
         new_lc = {"k": k, "v": v}
         k, v = k.astype(dtype), v.astype(dtype)
     a = _attention(q, k, v, mask, c.num_kv_heads)
+    h_attn = h  # the residual stream the attention block read
     h = h + _linear(a, ap["o_proj"]).astype(dtype)
-    x2 = rms_norm(h, lp["post_attn_norm"]["scale"], c.rms_norm_eps)
-    mp = lp["mlp"]
+    mp, post = lp["mlp"], lp["post_attn_norm"]
     if "gate_up_proj" in mp:  # fused at load time (higgs_jax.fuse)
-        g, u = jnp.split(_linear(x2, mp["gate_up_proj"]), [c.intermediate_size], axis=-1)
+        gu = _normed_linear(h, post, eps, mp["gate_up_proj"])
+        g, u = jnp.split(gu, [c.intermediate_size], axis=-1)
         g = jax.nn.silu(g)
     else:
-        g = jax.nn.silu(_linear(x2, mp["gate_proj"]))
-        u = _linear(x2, mp["up_proj"])
+        g = jax.nn.silu(_normed_linear(h, post, eps, mp["gate_proj"]))
+        u = _normed_linear(h, post, eps, mp["up_proj"])
     act = g * u
-    h = h + _linear(act, mp["down_proj"]).astype(dtype)
     if capture:
-        taps.update({"attn_in": x, "attn_out": a, "mlp_in": x2, "mlp_act": act})
+        taps.update({
+            "attn_in": rms_norm(h_attn, lp["input_norm"]["scale"], eps),
+            "attn_out": a,
+            "mlp_in": rms_norm(h, post["scale"], eps),
+            "mlp_act": act,
+        })
+    h = h + _linear(act, mp["down_proj"]).astype(dtype)
     return h, new_lc, taps
 
 
@@ -504,10 +514,10 @@ def forward(
                                  layer_cache=layer_cache, start=start, dtype=dtype)
         if cache is not None:
             new_cache[f"layers_{i}"] = lc
-    h = rms_norm(h, params["final_norm"]["scale"], c.rms_norm_eps)
     if "lm_head" in params:
-        logits = _linear(h, params["lm_head"])
+        logits = _normed_linear(h, params["final_norm"], c.rms_norm_eps, params["lm_head"])
     else:
+        h = rms_norm(h, params["final_norm"]["scale"], c.rms_norm_eps)
         logits = jnp.einsum("btd,vd->btv", h, emb.astype(dtype), preferred_element_type=jnp.float32)
     return logits.astype(jnp.float32), new_cache
 

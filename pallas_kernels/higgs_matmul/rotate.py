@@ -24,6 +24,11 @@ Hadamard block b (zero beyond M and K), multiplies by the random signs, and comp
 then scales by 1 / sqrt(h) and stores (BM, h) in the activation dtype of the matmul kernel.
 Cost per block row: 32 + XB multiply-adds per coordinate, against h for the dense matrix.
 
+With ``norm`` = (scale, eps) the kernel rotates ``rms_norm(x)`` instead (the model's pre-norm
+before q/k/v, gate/up and the lm_head, `higgs_jax.norms`): each program also reads the other
+windows of its rows for the sum of squares (a loop over the row's blocks; from L2 after the first
+program), so XLA's two norm kernels (the reduction and the scaling) are not launched.
+
 Scope: p = 1 and power-of-two h with 16 <= XB <= 64 (h = 512 ... 2048; the dots need K, N >= 16);
 `supported` says what is missing, and the wrapper keeps the XLA route otherwise.
 """
@@ -76,16 +81,34 @@ def needs_mask(m: int, k: int, rows: int, blocks: int, h: int) -> bool:
     return rows != m or blocks * h != k
 
 
-def _kernel(x_ref, s_ref, ha_ref, hb_ref, o_ref, *, h, xb, bm, m, k, mask, f32_in, interpret):
+def _kernel(
+    x_ref, s_ref, n_ref, ha_ref, hb_ref, o_ref, *, h, xb, bm, m, k, blocks, eps, mask, f32_in,
+    interpret,
+):
     b = pl.program_id(0)
     i = pl.program_id(1)
     rows = i * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-    cols = b * h + lax.broadcasted_iota(jnp.int32, (1, h), 1)
-    ok = (rows < m) & (cols < k)
-    x = _compat.load(
-        x_ref.at[pl.ds(i * bm, bm), pl.ds(b * h, h)], mask=ok if mask else None,
-        other=0,
-    )
+
+    def window(j):  # (bm, h) window j of this program's rows, zero beyond M and K
+        cols = j * h + lax.broadcasted_iota(jnp.int32, (1, h), 1)
+        return _compat.load(
+            x_ref.at[pl.ds(i * bm, bm), pl.ds(j * h, h)],
+            mask=((rows < m) & (cols < k)) if mask else None,
+            other=0,
+        )
+
+    x = window(b)
+    if n_ref is not None:
+        # RMSNorm of the whole row, as `higgs_jax.norms.rms_norm`: the sum of squares in f32
+        # over all `blocks` windows (the other windows come from L2: every program of the row
+        # reads them), then x * rsqrt(mean + eps) * scale, rounded to x's dtype.
+        def sum_sq(j, acc):
+            w = window(j).astype(jnp.float32)
+            return acc + jnp.sum(w * w, axis=1, keepdims=True)
+
+        ss = lax.fori_loop(0, blocks, sum_sq, jnp.zeros((bm, 1), jnp.float32))
+        r = lax.rsqrt(ss * np.float32(1.0 / k) + np.float32(eps))
+        x = ((x.astype(jnp.float32) * r) * n_ref[:, pl.ds(b * h, h)]).astype(x.dtype)
     if s_ref is not None:
         x = x * s_ref[:, pl.ds(b * h, h)].astype(x.dtype)  # +-1: exact
     prec = lax.Precision.HIGHEST
@@ -118,10 +141,13 @@ def rotate(
     blocks: int,
     dtype,
     interpret: bool,
+    norm: tuple[jax.Array, float] | None = None,
 ) -> jax.Array:
     """(M, K) activations -> (rows, blocks h) rotated activations in ``dtype``, entry
     [m, b h + c XB + u] = x_rot[m, b h + 32 u + c] (zero beyond M and K); see the module
-    docstring. ``rows``: a power of two or a multiple of 16 (the matmul kernel's padded M)."""
+    docstring. ``rows``: a power of two or a multiple of 16 (the matmul kernel's padded M).
+    ``norm`` = (scale (K,), eps): rotate ``rms_norm(x2, scale, eps)`` instead (the norm of
+    `higgs_jax.norms`, computed per row inside the kernel)."""
     ok, why = supported(1, h)
     if not ok:
         raise ValueError(f"rotation kernel: unsupported {why}")
@@ -139,21 +165,29 @@ def rotate(
     s = None
     if signs is not None:
         s = jnp.pad(signs[:k].astype(jnp.float32), (0, blocks * h - k)).reshape(1, blocks * h)
+    ns, eps = None, 0.0
+    if norm is not None:
+        scale, eps = norm
+        if tuple(scale.shape) != (k,) or not eps > 0:
+            raise ValueError(
+                f"rotation kernel: norm wants a ({k},) scale and eps > 0, got {scale.shape}, {eps!r}"
+            )
+        ns = jnp.pad(scale.astype(jnp.float32), (0, blocks * h - k)).reshape(1, blocks * h)
     ha = jnp.asarray(sylvester(32))
     hb = jnp.asarray(sylvester(xb))
     body = functools.partial(
-        _kernel, h=h, xb=xb, bm=bm, m=m, k=k, mask=needs_mask(m, k, rows, blocks, h),
-        f32_in=f32_in, interpret=interpret,
+        _kernel, h=h, xb=xb, bm=bm, m=m, k=k, blocks=blocks, eps=float(eps),
+        mask=needs_mask(m, k, rows, blocks, h), f32_in=f32_in, interpret=interpret,
     )
-    if s is None:
+    # optional operands (signs, norm scale) are passed only when present
+    present = [v is not None for v in (s, ns)]
 
-        def body_fn(x_ref, ha_ref, hb_ref, o_ref):
-            body(x_ref, None, ha_ref, hb_ref, o_ref)
+    def body_fn(x_ref, *refs):
+        refs = list(refs)
+        opt = [refs.pop(0) if p else None for p in present]
+        body(x_ref, *opt, *refs)
 
-        operands = (x2, ha, hb)
-    else:
-        body_fn = body
-        operands = (x2, s, ha, hb)
+    operands = (x2, *(v for v in (s, ns) if v is not None), ha, hb)
     # x2 is read in (bm, h) windows at row i bm and column b h. On the GPU the load is masked
     # beyond M and K (masked lanes are not read), so x2 is not padded (a pad would be one more
     # launch). Interpret mode slices windows with dynamic_slice, which clamps a window that

@@ -38,6 +38,14 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 MIN_DOT_UNITS = 16
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """`higgs_jax.norms.rms_norm` (imported lazily, as everything from higgs_jax here): the
+    routes that do not normalise inside the rotation kernel call it, so they match the model."""
+    from higgs_jax import norms
+
+    return norms.rms_norm(x, scale, eps)
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
@@ -272,8 +280,13 @@ def kernel_activations(
     dtype,
     rotation: str = "xla",
     interpret: bool = False,
+    norm: tuple[jax.Array, float] | None = None,
 ) -> tuple[jax.Array, int]:
     """(M, K) activations -> ((rows, NB, p, 32, XB) rotated activations in ``dtype``, XB).
+
+    ``norm`` = (scale, eps): the activations are ``rms_norm(x2, scale, eps)`` instead of x2,
+    computed inside the rotation kernel on the "kernel" route, by `higgs_jax.norms.rms_norm`
+    (XLA) on the others.
 
     Entry [m, b, d, c, u] = x_rot[m, (32 (b XB + u) + c) p + d] with x_rot =
     block_hadamard(pad(x) * signs, h) (normalized), zero beyond K_pad and beyond M (kernel.x_plane
@@ -286,16 +299,19 @@ def kernel_activations(
     m, k = x2.shape
     p, h = kw.p, kw.hadamard_size
     xb, by_matmul = activation_block(kw, bku)
+    in_kernel = by_matmul and rotation == "kernel" and _rotate.supported(p, h)[0]
+    if norm is not None and not in_kernel:
+        x2 = rms_norm(x2, *norm)
     if not by_matmul:
         xr = rotate_activations(x2, kw)
         xr = jnp.pad(xr, [(0, rows - m), (0, units_x * 32 * p - xr.shape[1])])
         xr = xr.reshape(rows, units_x // bku, bku, 32, p).transpose(0, 1, 4, 3, 2)
         return xr.astype(dtype), xb
     nb = -(-units_x // xb)
-    if rotation == "kernel" and _rotate.supported(p, h)[0]:
+    if in_kernel:
         # one Pallas launch (Sylvester factors H_XB x H_32) instead of XLA's matmul + fusions
         y = _rotate.rotate(
-            x2, kw.signs, h=h, rows=rows, blocks=nb, dtype=dtype, interpret=interpret
+            x2, kw.signs, h=h, rows=rows, blocks=nb, dtype=dtype, interpret=interpret, norm=norm
         )
         return y.reshape(rows, nb, p, 32, xb), xb
     x = x2
@@ -344,16 +360,25 @@ def _plan(kw: KernelPackedWeight, cfg: Config, m: int, out_dtype) -> dict:
 
 
 def prepare_activations(
-    x2: jax.Array, kw: KernelPackedWeight, cfg: Config, m: int, out_dtype, interpret: bool = False
+    x2: jax.Array,
+    kw: KernelPackedWeight,
+    cfg: Config,
+    m: int,
+    out_dtype,
+    interpret: bool = False,
+    norm: tuple[jax.Array, float] | None = None,
 ) -> tuple[jax.Array, int]:
-    """(M, K) activations -> (kernel operand, XB) for `launch_kernel` (XB = 0: wide layout)."""
+    """(M, K) activations -> (kernel operand, XB) for `launch_kernel` (XB = 0: wide layout).
+    ``norm`` = (scale, eps): RMSNorm x2 first (see `kernel_activations`)."""
     g = _plan(kw, cfg, m, out_dtype)
     p, mp, ux = kw.p, g["mp"], g["ux"]
     if cfg.path != "wide":
         return kernel_activations(
             x2, kw, rows=mp, units_x=ux, bku=g["bku"], dtype=g["xdt"], rotation=cfg.rotation,
-            interpret=interpret,
+            interpret=interpret, norm=norm,
         )
+    if norm is not None:
+        x2 = rms_norm(x2, *norm)
     xr = rotate_activations(x2, kw)
     xr = jnp.pad(xr, [(0, mp - m), (0, ux * 32 * p - xr.shape[1])])
     decode, _ = resolve_decode(cfg.decode, kw, cfg.path)
@@ -596,14 +621,16 @@ def _launch(
     *,
     bias: jax.Array | None = None,
     y_dtype=jnp.float32,
+    norm: tuple[jax.Array, float] | None = None,
 ):
-    """x2: (M, K) activations (not rotated) -> (M, N) ``y_dtype`` (+ bias)."""
-    xk, xblk = prepare_activations(x2, kw, cfg, m, out_dtype, interpret)
+    """x2: (M, K) activations (not rotated, not yet RMS-normalised when ``norm`` is given) ->
+    (M, N) ``y_dtype`` (+ bias)."""
+    xk, xblk = prepare_activations(x2, kw, cfg, m, out_dtype, interpret, norm=norm)
     return launch_kernel(xk, xblk, kw, cfg, m, out_dtype, interpret, bias=bias, y_dtype=y_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def _higgs_matmul(x, w, bias, config, interpret):
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "norm_eps"))
+def _higgs_matmul(x, w, bias, config, interpret, norm_scale=None, norm_eps=None):
     kw = repack(w)
     lead = x.shape[:-1]
     m = int(np.prod(lead)) if lead else 1
@@ -616,8 +643,10 @@ def _higgs_matmul(x, w, bias, config, interpret):
         cfg = _default_for(kw, m)
     # with sparse outliers the kernel's output stays f32 until they are added (one rounding)
     y_dtype = jnp.float32 if kw.outlier_values is not None else x.dtype
-    y = _launch(x2, kw, cfg, m, x.dtype, interpret, bias=bias, y_dtype=y_dtype)
-    y = apply_outliers(kw, x2, y)
+    norm = None if norm_scale is None else (norm_scale, norm_eps)
+    y = _launch(x2, kw, cfg, m, x.dtype, interpret, bias=bias, y_dtype=y_dtype, norm=norm)
+    if kw.outlier_values is not None:  # the outliers multiply the activations as normalised
+        y = apply_outliers(kw, x2 if norm is None else rms_norm(x2, *norm), y)
     return y.astype(x.dtype).reshape(lead + (kw.N,))
 
 
@@ -628,6 +657,8 @@ def higgs_matmul_pallas(
     bias: jax.Array | None = None,
     config: Config | None = None,
     interpret: bool = False,
+    norm_scale: jax.Array | None = None,
+    norm_eps: float | None = None,
 ) -> jax.Array:
     """``x @ dequantize(w) (+ bias)`` with the Pallas Triton kernel (rotation of x included).
 
@@ -638,6 +669,9 @@ def higgs_matmul_pallas(
       bias: optional (N,), added in f32.
       config: tiling; `default_config` when None.
       interpret: run the kernel in Pallas interpret mode (any backend; for tests).
+      norm_scale, norm_eps: give both for ``rms_norm(x, norm_scale, norm_eps) @ dequantize(w)``
+        (`higgs_jax.norms.rms_norm`); the rotation kernel normalises each row where it applies
+        (``Config.rotation = "kernel"``, p = 1, h = 512..2048), XLA does it first otherwise.
 
     Returns:
       (..., N) in x's dtype.
@@ -651,6 +685,11 @@ def higgs_matmul_pallas(
         problems.append(f"bias has shape {tuple(bias.shape)}, want ({w.shape[1]},)")
     if config is not None and not isinstance(config, Config):
         problems.append(f"config must be a Config, got {type(config).__name__}")
+    if (norm_scale is not None or norm_eps is not None) and hasattr(x, "shape"):
+        from higgs_jax.norms import norm_problems
+
+        problems += norm_problems(x, norm_scale, norm_eps)
     if problems:
         raise ValueError("higgs_matmul_pallas: " + "; ".join(problems))
-    return _higgs_matmul(x, w, bias, config, interpret)
+    eps = None if norm_scale is None else float(norm_eps)
+    return _higgs_matmul(x, w, bias, config, interpret, norm_scale, eps)

@@ -1,0 +1,31 @@
+"""RMSNorm, shared by the Flax model and the matmul entry points that can fuse it.
+
+`higgs_jax.matmul.linear(..., norm_scale=, norm_eps=)` computes ``rms_norm(x) @ W``; on the
+Pallas path the Pallas rotation kernel normalises each row itself, so the two XLA kernels of
+the norm (the sum of squares and the scaling) are not launched (`pallas_kernels.higgs_matmul.
+rotate`). Every other path calls this function, so the model's numerics are unchanged there.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32, returned in ``x.dtype``."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def norm_problems(x, scale, eps) -> list[str]:
+    """Why (scale, eps) is not an RMSNorm of x's last axis (empty: it is)."""
+    out = []
+    k = x.shape[-1] if hasattr(x, "shape") and x.ndim >= 1 else None
+    if not hasattr(scale, "shape") or tuple(scale.shape) != (k,):
+        got = getattr(scale, "shape", type(scale).__name__)
+        out.append(f"norm_scale has shape {got}, want ({k},)")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        out.append(f"norm_eps must be a positive float, got {eps!r}")
+    return out
