@@ -6,6 +6,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -259,3 +260,22 @@ def test_nk16_params_converts_what_the_nk_path_takes():
     assert (n_nk, n_kept) == (1, 1)
     assert out["a"].layout == "nk16" and out["b"] is p2 and out["c"] is params["c"]
     np.testing.assert_array_equal(np.asarray(kernel_codes(out["a"])), np.asarray(kernel_codes(ok)))
+
+
+def test_fuse_norm_option_unfuses_the_model_norm(monkeypatch):
+    """fuse_norm=0: the model's pre-normed matmuls get an already normalised x (XLA's norm)."""
+    from benchmarks import decode_bench
+    from pallas_kernels.higgs_matmul import wrapper
+
+    monkeypatch.setattr(llama, "_normed_linear", llama._normed_linear)
+    monkeypatch.setattr(wrapper, "default_config", wrapper.default_config)
+    monkeypatch.setattr(wrapper, "nk_config", wrapper.nk_config)
+    assert decode_bench.parse_kernel_options(["fuse_norm=0"]) == {"fuse_norm": False}
+    seen = {}
+    monkeypatch.setattr(llama, "linear", lambda x, k, b=None, **kw: seen.update(kw) or x @ k)
+    decode_bench.apply_kernel_options({"fuse_norm": False})
+    h = jnp.full((1, 4), 2.0)
+    y = llama._normed_linear(h, {"scale": jnp.ones(4)}, 1e-6, {"kernel": jnp.eye(4)})
+    assert seen == {} and np.allclose(np.asarray(y), 1.0, atol=1e-5)  # normalised, no norm kwargs
+    with pytest.raises(ValueError, match="fuse_norm must be 0 or 1"):
+        decode_bench.parse_kernel_options(["fuse_norm=maybe"])
