@@ -818,7 +818,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
     if args.one:
-        options = {**args.kernel_options_parsed, **split_variant(args.one)[1]}
+        own = {} if args.one == "check" else split_variant(args.one)[1]
+        options = {**args.kernel_options_parsed, **own}
         if options:
             apply_kernel_options(options)
         for rec in run_one(args, args.one):

@@ -279,3 +279,11 @@ def test_fuse_norm_option_unfuses_the_model_norm(monkeypatch):
     assert seen == {} and np.allclose(np.asarray(y), 1.0, atol=1e-5)  # normalised, no norm kwargs
     with pytest.raises(ValueError, match="fuse_norm must be 0 or 1"):
         decode_bench.parse_kernel_options(["fuse_norm=maybe"])
+
+
+def test_check_job_runs_with_variant_options(capsys):
+    """The check job (a child run with --one check) accepts variants that carry options."""
+    argv = ["--tiny", "--layers", "1", "--batches", "1", "--variants", "p1_4b@rotation=xla"]
+    db.main(argv + ["--one", "check"])
+    out = capsys.readouterr().out
+    assert db.RESULT_PREFIX in out and '"kind": "check"' in out

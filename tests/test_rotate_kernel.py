@@ -295,3 +295,15 @@ def test_model_with_norm_fused_into_the_rotation_kernel(monkeypatch):
     c = logits("interpret")
     assert calls == []
     assert rel_err(b, c) < 1e-4
+
+
+def test_rotation_norm_loop_beyond_the_unrolled_windows(monkeypatch):
+    """Rows of more than MAX_UNROLLED_NORM_BLOCKS windows sum their squares in a loop: the same
+    operand as the unrolled loads."""
+    w = _weight(1536, 64, 16, 512)
+    cfg = Config(block_n=64, block_k=512, split_k=2, path="fma", rotation="kernel")
+    x, scale = _norm_case(3, 1536, jnp.float32, seed=5)
+    a, _ = wrapper.prepare_activations(x, w, cfg, 3, jnp.float32, True, norm=(scale, 1e-5))
+    monkeypatch.setattr(rotate, "MAX_UNROLLED_NORM_BLOCKS", 1)
+    b, _ = wrapper.prepare_activations(x, w, cfg, 3, jnp.float32, True, norm=(scale, 1e-5))
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
