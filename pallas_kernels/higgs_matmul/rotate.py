@@ -101,23 +101,27 @@ def _kernel(
 
     x = window(b)
     if n_ref is not None:
-        # RMSNorm of the whole row, as `higgs_jax.norms.rms_norm`: the sum of squares in f32
-        # over all `blocks` windows (the other windows come from L2: every program of the row
-        # reads them), then x * rsqrt(mean + eps) * scale, rounded to x's dtype. Unrolled up
-        # to MAX_UNROLLED_NORM_BLOCKS windows, so that all the loads are in flight at once (a
-        # loop over the windows waited for each load in turn: 5 us per norm on an H100 at
-        # K = 4096, session 16, slower than XLA's two norm kernels).
-        ss = jnp.zeros((bm, 1), jnp.float32)
+        # RMSNorm of the whole row, as `higgs_jax.norms.rms_norm`: the squares in f32 of all
+        # `blocks` windows (the other windows come from L2: every program of the row reads
+        # them) summed elementwise, one reduction across the window at the end, then
+        # x * rsqrt(mean + eps) * scale, rounded to x's dtype. Up to MAX_UNROLLED_NORM_BLOCKS
+        # windows the loads are unrolled, so they are all in flight at once (session 16 on an
+        # H100: a loop over the windows, one reduction each, cost ~5 us per norm). The window
+        # starts are traced (b * 0 + j): a static window past K is refused at trace time
+        # even though its load is masked.
+        zero = b * 0
+        acc = jnp.zeros((bm, h), jnp.float32)
         if blocks <= MAX_UNROLLED_NORM_BLOCKS:
             for j in range(blocks):
-                w = window(j).astype(jnp.float32)
-                ss = ss + jnp.sum(w * w, axis=1, keepdims=True)
+                w = window(zero + j).astype(jnp.float32)
+                acc = acc + w * w
         else:
-            def sum_sq(j, acc):
+            def sum_sq(j, a):
                 w = window(j).astype(jnp.float32)
-                return acc + jnp.sum(w * w, axis=1, keepdims=True)
+                return a + w * w
 
-            ss = lax.fori_loop(0, blocks, sum_sq, ss)
+            acc = lax.fori_loop(0, blocks, sum_sq, acc)
+        ss = jnp.sum(acc, axis=1, keepdims=True)
         r = lax.rsqrt(ss * np.float32(1.0 / k) + np.float32(eps))
         x = ((x.astype(jnp.float32) * r) * n_ref[:, pl.ds(b * h, h)]).astype(x.dtype)
     if s_ref is not None:
