@@ -560,13 +560,10 @@ KERNEL_OPTIONS = {
     "fused_fma": lambda v: {"0": False, "1": True}[v],
     "rotation": str,
     "reduce": str,
+    "norm": str,
 }
 #: Options that apply to every path's config; the others only to the M <= 8 (fma) configs.
-ALL_PATH_OPTIONS = frozenset({"rotation", "reduce"})
-#: Options that are not `Config` fields: fuse_norm=0 makes the model normalise with XLA before
-#: each pre-normed matmul (the behaviour before the norm went into the rotation kernel).
-MODEL_OPTIONS = {"fuse_norm": lambda v: {"0": False, "1": True}[v]}
-KERNEL_OPTIONS.update(MODEL_OPTIONS)
+ALL_PATH_OPTIONS = frozenset({"rotation", "reduce", "norm"})
 
 
 def parse_kernel_options(items: Sequence[str]) -> dict:
@@ -585,7 +582,7 @@ def parse_kernel_options(items: Sequence[str]) -> dict:
             out[key] = KERNEL_OPTIONS[key](val)
         except KeyError:
             raise ValueError(f"--kernel-options {key} must be 0 or 1, got {val!r}") from None
-    Config(**{k: v for k, v in out.items() if k not in MODEL_OPTIONS})  # names a bad value
+    Config(**out)  # raises ValueError naming a bad value
     return out
 
 
@@ -599,14 +596,6 @@ def apply_kernel_options(options: dict) -> None:
 
     from pallas_kernels.higgs_matmul import wrapper
 
-    if options.get("fuse_norm") is False:
-        from higgs_jax.norms import rms_norm
-
-        def unfused(h, norm, eps, p):  # XLA's rms_norm, then the plain matmul
-            return llama._linear(rms_norm(h, norm["scale"], eps), p)
-
-        llama._normed_linear = unfused
-    options = {k: v for k, v in options.items() if k not in MODEL_OPTIONS}
     every = {k: v for k, v in options.items() if k in ALL_PATH_OPTIONS}
     fma_only = {k: v for k, v in options.items() if k not in ALL_PATH_OPTIONS}
 

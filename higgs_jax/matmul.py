@@ -95,8 +95,8 @@ def higgs_matmul(
       interpret: run the Pallas kernel in interpret mode (CPU testing); implies "pallas" is allowed
         off-GPU.
       norm_scale, norm_eps: give both to compute ``rms_norm(x, norm_scale, norm_eps) @ W``
-        (`higgs_jax.norms.rms_norm`). The Pallas path normalises inside its activation-rotation
-        kernel where that kernel applies (p = 1, h = 512..2048), saving the norm's own launches.
+        (`higgs_jax.norms.rms_norm`). The Pallas path can normalise inside its activation-
+        rotation kernel (`pallas_kernels.higgs_matmul.Config.norm`, off by default).
 
     Returns:
       (..., N) in x's dtype.

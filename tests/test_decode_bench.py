@@ -262,23 +262,19 @@ def test_nk16_params_converts_what_the_nk_path_takes():
     np.testing.assert_array_equal(np.asarray(kernel_codes(out["a"])), np.asarray(kernel_codes(ok)))
 
 
-def test_fuse_norm_option_unfuses_the_model_norm(monkeypatch):
-    """fuse_norm=0: the model's pre-normed matmuls get an already normalised x (XLA's norm)."""
+def test_norm_option_reaches_every_path(monkeypatch):
     from benchmarks import decode_bench
     from pallas_kernels.higgs_matmul import wrapper
 
-    monkeypatch.setattr(llama, "_normed_linear", llama._normed_linear)
     monkeypatch.setattr(wrapper, "default_config", wrapper.default_config)
     monkeypatch.setattr(wrapper, "nk_config", wrapper.nk_config)
-    assert decode_bench.parse_kernel_options(["fuse_norm=0"]) == {"fuse_norm": False}
-    seen = {}
-    monkeypatch.setattr(llama, "linear", lambda x, k, b=None, **kw: seen.update(kw) or x @ k)
-    decode_bench.apply_kernel_options({"fuse_norm": False})
-    h = jnp.full((1, 4), 2.0)
-    y = llama._normed_linear(h, {"scale": jnp.ones(4)}, 1e-6, {"kernel": jnp.eye(4)})
-    assert seen == {} and np.allclose(np.asarray(y), 1.0, atol=1e-5)  # normalised, no norm kwargs
-    with pytest.raises(ValueError, match="fuse_norm must be 0 or 1"):
-        decode_bench.parse_kernel_options(["fuse_norm=maybe"])
+    assert wrapper.default_config(1, 4096, 4096, 1, 4).norm == "xla"  # library default
+    assert decode_bench.split_variant("p1_4b@norm=kernel")[1] == {"norm": "kernel"}
+    decode_bench.apply_kernel_options({"norm": "kernel"})
+    assert wrapper.default_config(1, 4096, 4096, 1, 4).norm == "kernel"
+    assert wrapper.nk_config(16, 4096, 4096, code_bits=4).norm == "kernel"
+    with pytest.raises(ValueError, match="norm must be one of"):
+        decode_bench.parse_kernel_options(["norm=fused"])
 
 
 def test_check_job_runs_with_variant_options(capsys):

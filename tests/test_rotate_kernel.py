@@ -134,7 +134,8 @@ def test_rotation_kernel_with_rms_norm(m, k, dtype, path):
     x, scale = _norm_case(m, k, dtype)
     a, _ = wrapper.prepare_activations(rms_norm(x, scale, 1e-5), w, cfg, m, dtype, True)
     b, _ = wrapper.prepare_activations(
-        x, w, dataclasses.replace(cfg, rotation="kernel"), m, dtype, True, norm=(scale, 1e-5)
+        x, w, dataclasses.replace(cfg, rotation="kernel", norm="kernel"), m, dtype, True,
+        norm=(scale, 1e-5),
     )
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     tol = 1e-5 if dtype == jnp.float32 else 2 ** -7
@@ -145,13 +146,13 @@ def test_rotation_kernel_with_rms_norm(m, k, dtype, path):
     np.testing.assert_array_equal(np.asarray(c, np.float32), a)
 
 
-@pytest.mark.parametrize("rotation", ["kernel", "xla"])
-def test_higgs_matmul_with_norm_matches_reference(rotation):
+@pytest.mark.parametrize("rotation,norm", [("kernel", "kernel"), ("kernel", "xla"), ("xla", "xla")])
+def test_higgs_matmul_with_norm_matches_reference(rotation, norm):
     from higgs_jax.norms import rms_norm
 
     w = _weight(1024, 64, 16, 512)
     x, scale = _norm_case(2, 1024, jnp.float32, seed=3)
-    cfg = Config(block_n=64, block_k=512, split_k=2, path="fma", rotation=rotation)
+    cfg = Config(block_n=64, block_k=512, split_k=2, path="fma", rotation=rotation, norm=norm)
     y = higgs_matmul_pallas(x, w, config=cfg, interpret=True, norm_scale=scale, norm_eps=1e-6)
     xn = rms_norm(x, scale, 1e-6)
     # the same kernel on x normalised by hand: only the f32 summation order of the norm differs
@@ -233,7 +234,9 @@ def test_gpu_rotation_kernel_with_rms_norm(m, k, dtype, path):
     from higgs_jax.norms import rms_norm
 
     w = _weight(k, 128, 16, 512)
-    cfg = Config(block_n=128, block_k=512, split_k=2, path=path, block_m=16, rotation="kernel")
+    cfg = Config(
+        block_n=128, block_k=512, split_k=2, path=path, block_m=16, rotation="kernel", norm="kernel"
+    )
     x, scale = _norm_case(m, k, dtype)
     a, _ = wrapper.prepare_activations(rms_norm(x, scale, 1e-5), w, cfg, m, dtype, False)
     b, _ = wrapper.prepare_activations(x, w, cfg, m, dtype, False, norm=(scale, 1e-5))
@@ -245,11 +248,11 @@ def test_gpu_rotation_kernel_with_rms_norm(m, k, dtype, path):
     assert rel_err(y, ref) < 2e-2
 
 
-def test_model_with_norm_fused_into_the_rotation_kernel(monkeypatch):
-    """The Flax model hands its pre-norms to `linear` (q/k/v, gate/up, lm_head): on the Pallas
-    path (interpret) with p = 1, h = 512 the rotation kernel normalises, and the logits match
-    the XLA path (which normalises with `rms_norm` first). The kernel route is really taken:
-    the rotations of qkv, gate_up and the lm_head get the norm, those of o and down do not."""
+def test_model_pre_norms_on_both_routes(monkeypatch):
+    """The Flax model hands its pre-norms to `linear` (q/k/v, gate/up, lm_head). On the Pallas
+    path (interpret, p = 1, h = 512) XLA normalises by default; with ``Config.norm="kernel"``
+    the rotation kernels of qkv, gate_up and the lm_head normalise (those of o and down have
+    no norm), and the logits are the same up to the norm's f32 summation order."""
     from benchmarks import decode_bench as db
     from higgs_jax.config import HiggsConfig
     from higgs_jax.fuse import fuse_projections
@@ -275,33 +278,32 @@ def test_model_with_norm_fused_into_the_rotation_kernel(monkeypatch):
         return real(*a, norm=norm, **kw)
 
     monkeypatch.setattr(rotate, "rotate", spy)
-    jax.clear_caches()  # the wrapper's jitted entry point would reuse traces of other tests
+    monkeypatch.setattr(wrapper, "default_config", wrapper.default_config)
+    monkeypatch.setattr(wrapper, "nk_config", wrapper.nk_config)
 
-    def logits(mode):
+    def logits(mode, **options):
+        jax.clear_caches()  # the wrapper's jitted entry point caches traces across configs
+        calls.clear()
+        if options:
+            db.apply_kernel_options(options)
         with db.linear_implementation(mode):
             return jax.jit(lambda p, t: forward(p, t, config, dtype=jnp.float32)[0])(q, tok)
 
-    a, b = logits("xla"), logits("interpret")
-    # one trace per weight shape: qkv, gate_up and lm_head normalise in the kernel, o and down not
-    assert sorted(calls) == [False, False, True, True, True]
+    a = logits("xla")
+    b = logits("interpret")  # the default: XLA normalises, the rotation kernel rotates
+    assert sorted(calls) == [False] * 5  # one trace per weight shape
     assert rel_err(b, a) < 1e-2  # five 4-bit kernel matmuls against the XLA decode
-    # the same kernels with the XLA rotation (rms_norm by XLA first): only where the norm is
-    # computed differs
-    monkeypatch.setattr(wrapper, "default_config", wrapper.default_config)
-    monkeypatch.setattr(wrapper, "nk_config", wrapper.nk_config)
-    db.apply_kernel_options({"rotation": "xla"})
-    jax.clear_caches()
-    calls.clear()
-    c = logits("interpret")
-    assert calls == []
-    assert rel_err(b, c) < 1e-4
+    c = logits("interpret", norm="kernel")
+    # qkv, gate_up and lm_head normalise in the rotation kernel, o and down have no norm
+    assert sorted(calls) == [False, False, True, True, True]
+    assert rel_err(c, b) < 1e-4  # only where the norm is computed differs
 
 
 def test_rotation_norm_loop_beyond_the_unrolled_windows(monkeypatch):
     """Rows of more than MAX_UNROLLED_NORM_BLOCKS windows sum their squares in a loop: the same
     operand as the unrolled loads."""
     w = _weight(1536, 64, 16, 512)
-    cfg = Config(block_n=64, block_k=512, split_k=2, path="fma", rotation="kernel")
+    cfg = Config(block_n=64, block_k=512, split_k=2, path="fma", rotation="kernel", norm="kernel")
     x, scale = _norm_case(3, 1536, jnp.float32, seed=5)
     a, _ = wrapper.prepare_activations(x, w, cfg, 3, jnp.float32, True, norm=(scale, 1e-5))
     monkeypatch.setattr(rotate, "MAX_UNROLLED_NORM_BLOCKS", 1)

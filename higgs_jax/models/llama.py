@@ -332,8 +332,8 @@ def _linear(x: jax.Array, p: Mapping[str, Any]) -> jax.Array:
 
 
 def _normed_linear(h: jax.Array, norm: Mapping[str, Any], eps: float, p: Mapping[str, Any]):
-    """``rms_norm(h) @ kernel (+ bias)``: one call, so the Pallas path can normalise inside its
-    rotation kernel (`higgs_jax.matmul.linear`); every other path computes `rms_norm` first."""
+    """``rms_norm(h) @ kernel (+ bias)``: one call, so the Pallas path may normalise inside its
+    rotation kernel (`higgs_jax.matmul.linear`, `Config.norm`); otherwise `rms_norm` first."""
     return linear(h, p["kernel"], p.get("bias"), norm_scale=norm["scale"], norm_eps=eps)
 
 

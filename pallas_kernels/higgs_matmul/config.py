@@ -13,6 +13,8 @@ WORD_LOADS = ("lazy", "eager", "prefetch")
 DOT_ORDERS = ("xw", "wx")
 REDUCES = ("xla", "kernel")
 ROTATIONS = ("xla", "kernel")
+#: Where a pre-norm handed to the matmul is computed (`Config.norm`).
+NORMS = ("xla", "kernel")
 DECODES = ("auto", "poly", "select", "gather", "gather_pair", "regtab", "regpair", "byte", "code")
 MAX_M = 256
 #: Largest M (after padding to a power of two) the CUDA-core (fma) path handles.
@@ -110,6 +112,13 @@ class Config:
         faster on all 12 (shape, width) cases of `tile_sweep.py --variants rotation=kernel`
         (8192x28672 4-bit 66.9 -> 64.2 us, 4096x4096 2-bit 17.6 -> 13.2), and at M = 16 (nk,
         4-bit 8192x28672) the op's kernels took 57.6 instead of 61.4 us in a profiler trace.
+      norm: where a pre-norm handed to the matmul (``norm_scale``/``norm_eps``: the model's
+        RMSNorm before q/k/v, gate/up and the lm_head) is computed: "xla" (`higgs_jax.norms.
+        rms_norm` before the rotation; XLA fuses it with the residual add and the sum of
+        squares) or "kernel" (inside the rotation kernel, where ``rotation="kernel"`` applies;
+        two XLA launches fewer per norm). "xla" by default: in the 32-layer decode on an H100
+        (session 16, same run) "kernel" measured 3104 vs 3078 us per step at batch 1 and 5234
+        vs 5151 us at batch 16.
     """
 
     block_n: int = 128
@@ -131,6 +140,7 @@ class Config:
     row_steps: int = 1
     reduce: str = "xla"
     rotation: str = "kernel"
+    norm: str = "xla"
 
     def __post_init__(self):
         for name in ("block_n", "num_warps", "block_m"):
@@ -168,6 +178,8 @@ class Config:
             raise ValueError(f"reduce must be one of {REDUCES}, got {self.reduce!r}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.dot_order not in DOT_ORDERS:
             raise ValueError(f"dot_order must be one of {DOT_ORDERS}, got {self.dot_order!r}")
         if not isinstance(self.mma_m, int) or not (

@@ -27,7 +27,9 @@ Cost per block row: 32 + XB multiply-adds per coordinate, against h for the dens
 With ``norm`` = (scale, eps) the kernel rotates ``rms_norm(x)`` instead (the model's pre-norm
 before q/k/v, gate/up and the lm_head, `higgs_jax.norms`): each program also reads the other
 windows of its rows for the sum of squares (a loop over the row's blocks; from L2 after the first
-program), so XLA's two norm kernels (the reduction and the scaling) are not launched.
+program), so XLA's two norm kernels (the reduction and the scaling) are not launched. It is
+used with ``Config.norm = "kernel"`` only: in the 32-layer decode on an H100 (session 16) it
+measured 1-2% slower than XLA's norm kernels.
 
 Scope: p = 1 and power-of-two h with 16 <= XB <= 64 (h = 512 ... 2048; the dots need K, N >= 16);
 `supported` says what is missing, and the wrapper keeps the XLA route otherwise.

@@ -281,12 +281,13 @@ def kernel_activations(
     rotation: str = "xla",
     interpret: bool = False,
     norm: tuple[jax.Array, float] | None = None,
+    norm_in_kernel: bool = False,
 ) -> tuple[jax.Array, int]:
     """(M, K) activations -> ((rows, NB, p, 32, XB) rotated activations in ``dtype``, XB).
 
     ``norm`` = (scale, eps): the activations are ``rms_norm(x2, scale, eps)`` instead of x2,
-    computed inside the rotation kernel on the "kernel" route, by `higgs_jax.norms.rms_norm`
-    (XLA) on the others.
+    computed inside the rotation kernel when ``norm_in_kernel`` and the "kernel" route applies
+    (`Config.norm`), by `higgs_jax.norms.rms_norm` (XLA) otherwise.
 
     Entry [m, b, d, c, u] = x_rot[m, (32 (b XB + u) + c) p + d] with x_rot =
     block_hadamard(pad(x) * signs, h) (normalized), zero beyond K_pad and beyond M (kernel.x_plane
@@ -300,8 +301,8 @@ def kernel_activations(
     p, h = kw.p, kw.hadamard_size
     xb, by_matmul = activation_block(kw, bku)
     in_kernel = by_matmul and rotation == "kernel" and _rotate.supported(p, h)[0]
-    if norm is not None and not in_kernel:
-        x2 = rms_norm(x2, *norm)
+    if norm is not None and not (in_kernel and norm_in_kernel):
+        x2, norm = rms_norm(x2, *norm), None
     if not by_matmul:
         xr = rotate_activations(x2, kw)
         xr = jnp.pad(xr, [(0, rows - m), (0, units_x * 32 * p - xr.shape[1])])
@@ -375,7 +376,7 @@ def prepare_activations(
     if cfg.path != "wide":
         return kernel_activations(
             x2, kw, rows=mp, units_x=ux, bku=g["bku"], dtype=g["xdt"], rotation=cfg.rotation,
-            interpret=interpret, norm=norm,
+            interpret=interpret, norm=norm, norm_in_kernel=cfg.norm == "kernel",
         )
     if norm is not None:
         x2 = rms_norm(x2, *norm)
@@ -671,7 +672,8 @@ def higgs_matmul_pallas(
       interpret: run the kernel in Pallas interpret mode (any backend; for tests).
       norm_scale, norm_eps: give both for ``rms_norm(x, norm_scale, norm_eps) @ dequantize(w)``
         (`higgs_jax.norms.rms_norm`); the rotation kernel normalises each row where it applies
-        (``Config.rotation = "kernel"``, p = 1, h = 512..2048), XLA does it first otherwise.
+        with ``Config.norm = "kernel"`` (and ``rotation = "kernel"``, p = 1, h = 512..2048);
+        XLA does it first otherwise (the default: measured faster in the decode, `Config.norm`).
 
     Returns:
       (..., N) in x's dtype.
