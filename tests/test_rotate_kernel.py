@@ -228,7 +228,11 @@ def test_gpu_kernel_rotation_split_k_padding(cb):
 @gpu
 @pytest.mark.parametrize(
     "m,k,dtype,path",
-    [(1, 4096, jnp.bfloat16, "fma"), (3, 4000, jnp.float32, "fma"), (16, 4096, jnp.bfloat16, "dot")],
+    [
+        (1, 4096, jnp.bfloat16, "fma"),
+        (3, 4000, jnp.float32, "fma"),
+        (16, 4096, jnp.bfloat16, "dot"),
+    ],
 )
 def test_gpu_rotation_kernel_with_rms_norm(m, k, dtype, path):
     from higgs_jax.norms import rms_norm

@@ -187,7 +187,8 @@ def rotate(
         scale, eps = norm
         if tuple(scale.shape) != (k,) or not eps > 0:
             raise ValueError(
-                f"rotation kernel: norm wants a ({k},) scale and eps > 0, got {scale.shape}, {eps!r}"
+                f"rotation kernel: norm wants a ({k},) scale and eps > 0, got {scale.shape}, "
+                f"{eps!r}"
             )
         ns = jnp.pad(scale.astype(jnp.float32), (0, blocks * h - k)).reshape(1, blocks * h)
     ha = jnp.asarray(sylvester(32))
