@@ -1,0 +1,56 @@
+"""CPU tests of benchmarks/gpu_tests.py (the sharded GPU test runner): dealing, log parsing,
+the report, and one real run over a few tests (on a CPU machine the gpu tests skip)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import gpu_tests as gt
+
+
+def test_deal_round_robin_keeps_every_test_once():
+    ids = [f"t.py::a[{i}]" for i in range(10)]
+    groups = gt.deal(ids, 4)
+    assert [len(g) for g in groups] == [3, 3, 2, 2]
+    assert sorted(sum(groups, [])) == sorted(ids)
+    assert gt.deal(ids[:2], 4) == [[ids[0]], [ids[1]]]  # no empty shards
+    with pytest.raises(ValueError, match="--shards must be >= 1, got 0"):
+        gt.deal(ids, 0)
+
+
+def test_log_outcomes_and_report():
+    log = "\n".join([
+        "tests/a.py::t[1] PASSED                [ 33%]",
+        "tests/a.py::t[2] FAILED                [ 66%]",
+        "tests/b.py::u SKIPPED (needs an NVIDIA GPU) [100%]",
+        "FAILED tests/a.py::t[2] - AssertionError: rel err 0.5",
+    ])
+    res = gt.log_outcomes(log)
+    assert res == {
+        "tests/a.py::t[1]": ("passed", ""),
+        "tests/a.py::t[2]": ("failed", "AssertionError: rel err 0.5"),
+        "tests/b.py::u": ("skipped", ""),
+    }
+    ids = [*res, "tests/b.py::never"]
+    text, bad = gt.report(ids, res)
+    assert bad == 1
+    assert "| tests/a.py | 1 | 1 | 0 | 0 | 0 |" in text
+    assert "| tests/b.py | 0 | 0 | 0 | 1 | 1 |" in text  # the unreached test is "not run"
+    assert "`tests/a.py::t[2]`: failed: AssertionError: rel err 0.5" in text
+
+
+def test_runner_end_to_end_on_cpu(tmp_path):
+    """Three gpu tests of the rotation kernel, two shards: on a CPU machine they are skipped,
+    and every selected test gets an outcome."""
+    rc = gt.main([
+        "tests/test_rotate_kernel.py", "--out", str(tmp_path), "--shards", "2",
+        "--timeout-s", "300", "-k", "gpu_kernel_rotation_split_k_padding or with_rms_norm and gpu",
+    ])
+    text = (tmp_path / "report.md").read_text()
+    assert rc == 0 and "5 selected, 2 shards" in text
+    assert "| tests/test_rotate_kernel.py | " in text and "not run" in text
+    row = [r for r in text.splitlines() if r.startswith("| tests/test_rotate_kernel.py")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert sum(int(c) for c in cells[1:]) == 5 and cells[-1] == "0"  # all 5 reached
+    with pytest.raises(ValueError, match="no tests selected"):
+        gt.main(["tests/test_rotate_kernel.py", "--out", str(tmp_path), "-k", "no_such_test"])
