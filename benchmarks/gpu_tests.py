@@ -1,7 +1,7 @@
 """The GPU test suite in parallel shards (standalone script; for the lent GPU machine).
 
 Each GPU test spends most of its ~16 s compiling Triton kernels on the CPU, so one pytest
-process runs the 290-odd ``gpu``-marked tests in over an hour and a 600 s device call sees a
+process runs the 247 ``gpu``-marked tests in about an hour and a 600 s device call sees a
 fraction of them (session 16: 56 in 370 s). This script collects the selected tests, deals them
 round-robin into ``--shards`` pytest processes that share the GPU (``XLA_PYTHON_CLIENT_PREALLOCATE
 =false``, so no process takes 75% of its memory), stops every shard at ``--timeout-s``, and writes
