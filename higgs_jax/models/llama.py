@@ -292,8 +292,6 @@ def _random_params_jit(config: LlamaConfig, key: jax.Array, dtype: Any) -> Param
 # ----------------------------------------------------------------------------- layers
 
 
-
-
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     """Inverse frequencies theta^(-2i/hd), i < hd/2, with the config's RoPE scaling (float64)."""
     hd = config.head_dim
