@@ -610,8 +610,7 @@ def apply_kernel_options(options: dict) -> None:
         return patched
 
     wrapper.default_config = patch(wrapper.default_config)
-    if hasattr(wrapper, "nk_config"):
-        wrapper.nk_config = patch(wrapper.nk_config)
+    wrapper.nk_config = patch(wrapper.nk_config)
 
 
 def run_subprocess(args: argparse.Namespace, job: str, timeout_s: float) -> list[dict]:
