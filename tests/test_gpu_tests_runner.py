@@ -54,3 +54,8 @@ def test_runner_end_to_end_on_cpu(tmp_path):
     assert sum(int(c) for c in cells[1:]) == 5 and cells[-1] == "0"  # all 5 reached
     with pytest.raises(ValueError, match="no tests selected"):
         gt.main(["tests/test_rotate_kernel.py", "--out", str(tmp_path), "-k", "no_such_test"])
+
+
+def test_nonpositive_timeout_is_named(tmp_path):
+    with pytest.raises(ValueError, match="--timeout-s must be positive, got 0.0"):
+        gt.main(["tests/test_rotate_kernel.py", "--out", str(tmp_path), "--timeout-s", "0"])
