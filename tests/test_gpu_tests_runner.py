@@ -59,3 +59,18 @@ def test_runner_end_to_end_on_cpu(tmp_path):
 def test_nonpositive_timeout_is_named(tmp_path):
     with pytest.raises(ValueError, match="--timeout-s must be positive, got 0.0"):
         gt.main(["tests/test_rotate_kernel.py", "--out", str(tmp_path), "--timeout-s", "0"])
+
+
+def test_collect_reports_modules_that_do_not_import(tmp_path):
+    """A module that fails to import (the GPU machine lacks some test-only packages) is named in
+    the result instead of aborting the collection of the others."""
+    (tmp_path / "test_ok_mod.py").write_text(
+        "import pytest\n\n@pytest.mark.gpu\ndef test_a():\n    pass\n\ndef test_cpu():\n    pass\n"
+    )
+    (tmp_path / "test_bad_mod.py").write_text("import no_such_package_xyz\n")
+    ids, errors = gt.collect([str(tmp_path)], "gpu", None)
+    assert [i.split("::")[-1] for i in ids] == ["test_a"]
+    assert len(errors) == 1 and next(iter(errors)).endswith("test_bad_mod.py")
+    assert gt.collection_errors("ERROR tests/x.py - ModuleNotFoundError: gguf\n") == {
+        "tests/x.py": "ModuleNotFoundError: gguf"
+    }
