@@ -12,7 +12,7 @@ PATHS = ("fma", "dot", "gemv", "wide", "nk")
 WORD_LOADS = ("lazy", "eager", "prefetch")
 DOT_ORDERS = ("xw", "wx")
 REDUCES = ("xla", "kernel")
-ROTATIONS = ("xla", "kernel")
+ROTATIONS = ("xla", "kernel", "fused")
 #: Where a pre-norm handed to the matmul is computed (`Config.norm`).
 NORMS = ("xla", "kernel")
 DECODES = ("auto", "poly", "select", "gather", "gather_pair", "regtab", "regpair", "byte", "code")

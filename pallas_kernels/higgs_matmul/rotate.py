@@ -85,6 +85,30 @@ def needs_mask(m: int, k: int, rows: int, blocks: int, h: int) -> bool:
     return rows != m or blocks * h != k
 
 
+def rotate_window(x, ha, hb, *, h: int, xb: int, bm: int, f32_in: bool, f32_out: bool):
+    """Inside a kernel: the (bm, h) window ``x`` (signs applied) -> (bm 32, xb) float32, row
+    (row, c), column u = x_rot[row, 32 u + c] (normalised). ``ha``/``hb``: H_32 and H_XB as
+    float32 values. Steps 1 and 2 of the module docstring; also the prologue of the matmul
+    kernel with ``Config.rotation = "fused"`` (`fused.py`)."""
+    prec = lax.Precision.HIGHEST
+    z = jnp.dot(
+        x.reshape(bm * xb, 32), ha.astype(x.dtype),
+        precision=prec if f32_in else None, preferred_element_type=jnp.float32,
+    )  # (BM XB, 32): Z[(row, u'), c] = sum_c' X[row, u', c'] H_32[c', c]
+    zt = jnp.transpose(z.reshape(bm, xb, 32), (0, 2, 1)).reshape(bm * 32, xb)
+    if f32_out:
+        y = jnp.dot(zt, hb, precision=prec, preferred_element_type=jnp.float32)
+    else:
+        # a 16-bit output: Z as a bf16 pair hi + lo (relative error 2^-16, far below the
+        # output's rounding) through two tensor-core dots instead of one f32 FMA dot
+        hi = zt.astype(jnp.bfloat16)
+        lo = (zt - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+        hb = hb.astype(jnp.bfloat16)
+        y = jnp.dot(hi, hb, preferred_element_type=jnp.float32)
+        y = y + jnp.dot(lo, hb, preferred_element_type=jnp.float32)
+    return y * np.float32(1.0 / np.sqrt(h))  # (BM 32, XB): row (row, c), column u
+
+
 def _kernel(
     x_ref, s_ref, n_ref, ha_ref, hb_ref, o_ref, *, h, xb, bm, m, k, blocks, eps, mask, f32_in,
     interpret,
@@ -128,24 +152,10 @@ def _kernel(
         x = ((x.astype(jnp.float32) * r) * n_ref[:, pl.ds(b * h, h)]).astype(x.dtype)
     if s_ref is not None:
         x = x * s_ref[:, pl.ds(b * h, h)].astype(x.dtype)  # +-1: exact
-    prec = lax.Precision.HIGHEST
-    z = jnp.dot(
-        x.reshape(bm * xb, 32), ha_ref[...].astype(x.dtype),
-        precision=prec if f32_in else None, preferred_element_type=jnp.float32,
-    )  # (BM XB, 32): Z[(row, u'), c] = sum_c' X[row, u', c'] H_32[c', c]
-    zt = jnp.transpose(z.reshape(bm, xb, 32), (0, 2, 1)).reshape(bm * 32, xb)
-    hb = hb_ref[...]
-    if o_ref.dtype == jnp.float32:
-        y = jnp.dot(zt, hb, precision=prec, preferred_element_type=jnp.float32)
-    else:
-        # a 16-bit output: Z as a bf16 pair hi + lo (relative error 2^-16, far below the
-        # output's rounding) through two tensor-core dots instead of one f32 FMA dot
-        hi = zt.astype(jnp.bfloat16)
-        lo = (zt - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-        hb = hb.astype(jnp.bfloat16)
-        y = jnp.dot(hi, hb, preferred_element_type=jnp.float32)
-        y = y + jnp.dot(lo, hb, preferred_element_type=jnp.float32)
-    y = y * np.float32(1.0 / np.sqrt(h))  # (BM 32, XB): row (row, c), column u
+    y = rotate_window(
+        x, ha_ref[...], hb_ref[...], h=h, xb=xb, bm=bm, f32_in=f32_in,
+        f32_out=o_ref.dtype == jnp.float32,
+    )
     o_ref[pl.ds(i * bm, bm), pl.ds(b * h, h)] = y.reshape(bm, h).astype(o_ref.dtype)
 
 

@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels.higgs_matmul import gemv as _gemv
+from pallas_kernels.higgs_matmul import fused as _fused
 from pallas_kernels.higgs_matmul import kernel as _kernel
 from pallas_kernels.higgs_matmul import kernel_nk as _kernel_nk
 from pallas_kernels.higgs_matmul import nkpair as _nkpair
@@ -300,7 +301,7 @@ def kernel_activations(
     m, k = x2.shape
     p, h = kw.p, kw.hadamard_size
     xb, by_matmul = activation_block(kw, bku)
-    in_kernel = by_matmul and rotation == "kernel" and _rotate.supported(p, h)[0]
+    in_kernel = by_matmul and rotation in ("kernel", "fused") and _rotate.supported(p, h)[0]
     if norm is not None and not (in_kernel and norm_in_kernel):
         x2, norm = rms_norm(x2, *norm), None
     if not by_matmul:
@@ -452,9 +453,12 @@ def launch_kernel(
     *,
     bias: jax.Array | None = None,
     y_dtype=jnp.float32,
+    fused: bool = False,
 ) -> jax.Array:
     """Kernel operand from `prepare_activations` -> (M, N) ``y_dtype``, ``bias`` (N,) added in
-    f32. Split-K partials summed by XLA (``cfg.reduce == "xla"``) or by the kernel ("kernel")."""
+    f32. Split-K partials summed by XLA (``cfg.reduce == "xla"``) or by the kernel ("kernel").
+    ``fused``: ``xk`` is the raw (M, K) activations and the kernel rotates them in its prologue
+    (`fused.py`; the caller checked `fused_rotation_applies`); ``xblk`` is then h / 32."""
     g = _plan(kw, cfg, m, out_dtype)
     p, cb, N = kw.p, kw.code_bits, kw.N
     bku, split, steps, ux, mp, bm = (g[k] for k in ("bku", "split", "steps", "ux", "mp", "bm"))
@@ -604,8 +608,31 @@ def launch_kernel(
                 **params,
             )(*operands, *extra)
         return y[:m, :N]
-    with _compat.quiet_triton_deprecation():
-        partial = pl.pallas_call(body, out_shape=partial_shape, name=name, **params)(*operands)
+    if fused:
+        h = kw.hadamard_size
+        nb = -(-ux // xblk)
+        xr = xk
+        if interpret and xr.shape != (mp, nb * h):  # interpret mode clamps windows: pad instead
+            xr = jnp.pad(xr, [(0, mp - m), (0, nb * h - kw.K)])
+        extra = []
+        if kw.signs is not None:
+            sg = jnp.pad(kw.signs[: kw.K].astype(jnp.float32), (0, nb * h - kw.K))
+            extra.append(sg.reshape(1, nb * h))
+        extra += [jnp.asarray(_rotate.sylvester(32)), jnp.asarray(_rotate.sylvester(xblk))]
+        kernel = _fused.with_rotation(
+            body, h=h, m=m, k=kw.K, mp=mp, nb=nb, steps=steps, bku=bku,
+            has_signs=kw.signs is not None, interpret=interpret,
+        )
+        scratch = jax.ShapeDtypeStruct((mp, nb, 1, 32, xblk), g["xdt"])
+        with _compat.quiet_triton_deprecation():
+            partial, _ = pl.pallas_call(
+                kernel, out_shape=(partial_shape, scratch), name=name + "_fr", **params
+            )(xr, *operands[1:], *extra)
+    else:
+        with _compat.quiet_triton_deprecation():
+            partial = pl.pallas_call(body, out_shape=partial_shape, name=name, **params)(
+                *operands
+            )
     y = jnp.sum(partial, axis=0)[:m, :N]
     if bias is not None:
         y = y + bias
@@ -626,8 +653,24 @@ def _launch(
 ):
     """x2: (M, K) activations (not rotated, not yet RMS-normalised when ``norm`` is given) ->
     (M, N) ``y_dtype`` (+ bias)."""
+    if fused_rotation_applies(kw, cfg)[0]:
+        if norm is not None:
+            x2 = rms_norm(x2, *norm)
+        return launch_kernel(
+            x2, kw.hadamard_size // 32, kw, cfg, m, out_dtype, interpret, bias=bias,
+            y_dtype=y_dtype, fused=True,
+        )
     xk, xblk = prepare_activations(x2, kw, cfg, m, out_dtype, interpret, norm=norm)
     return launch_kernel(xk, xblk, kw, cfg, m, out_dtype, interpret, bias=bias, y_dtype=y_dtype)
+
+
+def fused_rotation_applies(kw: KernelPackedWeight, cfg: Config) -> tuple[bool, str]:
+    """(ok, reason): ``cfg.rotation == "fused"`` and the kernel can rotate x in its prologue
+    (`fused.applies`); otherwise the op rotates in a separate launch as with "kernel"."""
+    if cfg.rotation != "fused":
+        return False, f"rotation={cfg.rotation!r}"
+    by_matmul = activation_block(kw, cfg.units_per_step(kw.p))[1]
+    return _fused.applies(kw.p, kw.hadamard_size, cfg.path, cfg.reduce, by_matmul)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "norm_eps"))
