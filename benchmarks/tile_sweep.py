@@ -143,7 +143,7 @@ def parse_variant(text: str) -> dict:
     "" -> no overrides. Unknown field names raise ValueError naming them."""
     from pallas_kernels.higgs_matmul import Config
 
-    fields = set(Config.__dataclass_fields__)
+    fields = set(Config.__dataclass_fields__) | {"as_m"}
     out: dict = {}
     if text in ("", "default"):
         return out
@@ -168,9 +168,15 @@ def variant_candidates(m: int, k: int, n: int, p: int, n_grid: int, variants) ->
     out = [base]
     for v in variants:
         over = parse_variant(v)
-        # "path=nk": the nk16 layout's own default (`nk_config`), then the other overrides
+        # "path=nk": the nk16 layout's own default (`nk_config`), then the other overrides;
+        # "as_m=16": the default config of another M (e.g. the dot path's at M = 4)
+        as_m = over.pop("as_m", None)
         if over.get("path") == "nk":
             start = nk_config(m, k, n, code_bits=SUPPORTED[(p, n_grid)])
+        elif as_m is not None:
+            if not isinstance(as_m, int) or as_m < 1:
+                raise ValueError(f"as_m must be a positive int, got {as_m!r}")
+            start = default_config(as_m, k, n, p, SUPPORTED[(p, n_grid)] / p)
         else:
             start = base
         out.append(dataclasses.replace(start, **over))
@@ -222,7 +228,11 @@ def main(argv=None) -> int:
 
     for v in args.variants or ():
         try:
-            dataclasses.replace(Config(), **parse_variant(v))  # names a bad value too
+            over = parse_variant(v)
+            as_m = over.pop("as_m", 1)
+            if not isinstance(as_m, int) or as_m < 1:
+                raise ValueError(f"as_m must be a positive int, got {as_m!r}")
+            dataclasses.replace(Config(), **over)  # names a bad value too
         except ValueError as e:
             ap.error(f"--variants {v!r}: {e}")
     if args.smoke:

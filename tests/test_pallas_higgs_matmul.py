@@ -1277,7 +1277,7 @@ def test_default_config_session11_regpair():
         "wx",
     )
     assert default_config(16, *one, 1, 2.0).decode == "regpair"
-    for m, bits in ((64, 4.0), (16, 3.0), (1, 4.0), (4, 2.0)):
+    for m, bits in ((64, 4.0), (16, 3.0), (1, 4.0), (2, 2.0)):
         assert default_config(m, *big, 1, bits).decode == "auto", (m, bits)
     assert default_config(16, *big, 2, 4.0).decode == "auto"
     assert any(c.decode == "auto" for c in candidate_configs(16, *big, 1, 4.0))
@@ -1294,7 +1294,8 @@ def test_default_config_session11_regpair():
 @pytest.mark.parametrize("m", [1, 4, 5, 8, 16, 64, 256])
 def test_default_config_valid(m):
     cfg = default_config(m, 14336, 4096, 2, 4)
-    assert cfg.path == ("fma" if m <= 4 else "dot")
+    assert cfg.path == ("fma" if m <= 2 else "dot")  # session 17: dot from M = 3 at this size
+    assert default_config(m, 4096, 4096, 2, 4).path == ("fma" if m <= 4 else "dot")
     assert cfg.units_per_step(2) >= 1
 
 
@@ -1303,14 +1304,16 @@ def test_default_config_session8_choices():
     from M = 5 on, two stages only for p = 1 with 16-row blocks, 16 units per step for 3-bit p = 1
     codes and 8 warps for 4-bit p = 1, both only at M = 1 (where they were measured)."""
     big = (8192, 28672)
-    assert default_config(4, *big, 1, 4.0).path == "fma"
-    assert default_config(5, *big, 1, 4.0).path == "dot"
+    assert default_config(2, *big, 1, 4.0).path == "fma"
+    assert default_config(3, *big, 1, 4.0).path == "dot"  # session 17 (M = 4 sweep)
+    assert default_config(4, 4096, 4096, 1, 4.0).path == "fma"  # small: fma up to M = 4
+    assert default_config(5, 4096, 4096, 1, 4.0).path == "dot"
     assert default_config(8, *big, 1, 4.0).num_stages == 2
     assert default_config(16, *big, 1, 2.0).num_stages == 2
     assert default_config(128, *big, 1, 4.0).num_stages == 1
     assert default_config(16, *big, 2, 4.0).num_stages == 1
     assert default_config(1, *big, 1, 3.0).block_k == 16 * 32
-    assert default_config(4, *big, 1, 3.0).block_k == 8 * 32
+    assert default_config(2, *big, 1, 3.0).block_k == 8 * 32
     assert default_config(1, 4096, 4096, 1, 3.0).block_k == 8 * 32  # small shape: halved
     assert default_config(1, *big, 1, 4.0).num_warps == 8
     assert default_config(2, *big, 1, 4.0).num_warps == 4
@@ -1319,8 +1322,13 @@ def test_default_config_session8_choices():
     c16 = candidate_configs(16, *big, 1, 4.0)
     assert {c.num_stages for c in c16 if c.path == "dot"} >= {1, 2}
     c4 = candidate_configs(4, *big, 1, 3.0)
-    dots = [c for c in c4 if c.path == "dot"]
-    assert dots and all(c.units_per_step(1) >= 16 and c.num_stages == 2 for c in dots)
+    assert c4[0].path == "dot" and default_config(4, *big, 1, 3.0, fma=True) in c4
+    c2 = candidate_configs(2, *big, 1, 3.0)
+    dots = [c for c in c2 if c.path == "dot"]
+    assert c2[0].path == "fma" and dots
+    assert all(c.units_per_step(1) >= 16 and c.num_stages == 2 for c in dots)
+    with pytest.raises(ValueError, match="M <= 8, got M=16"):
+        default_config(16, *big, 1, 4.0, fma=True)
     assert not any(c.path == "dot" for c in candidate_configs(1, *big, 1, 4.0))
 
 

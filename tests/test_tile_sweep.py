@@ -144,6 +144,21 @@ def test_variants_override_the_default_config(tmp_path):
     assert all(r["rel_err"] < 2e-2 for r in rows)
 
 
+def test_variant_as_m_starts_from_another_m_default(tmp_path):
+    from pallas_kernels.higgs_matmul.config import default_config
+
+    cands = tile_sweep.variant_candidates(2, 8192, 28672, 1, 16, ["as_m=16", "as_m=16,num_warps=8"])
+    assert cands[0] == default_config(2, 8192, 28672, 1, 4.0) and cands[0].path == "fma"
+    assert cands[1] == default_config(16, 8192, 28672, 1, 4.0) and cands[1].path == "dot"
+    assert cands[2].path == "dot" and cands[2].num_warps == 8
+    with pytest.raises(ValueError, match="as_m must be a positive int"):
+        tile_sweep.variant_candidates(2, 8192, 28672, 1, 16, ["as_m=0"])
+    tile_sweep.main(["--out", str(tmp_path), "--smoke", "--grids", "p1_4b", "--m", "4",
+                     "--variants", "as_m=16"])
+    rows = json.loads((tmp_path / "tile_sweep.json").read_text())["rows"]
+    assert [r["path"] for r in rows] == ["fma", "dot"] and all(r["rel_err"] < 2e-2 for r in rows)
+
+
 def test_bad_variant_is_named(capsys, tmp_path):
     with pytest.raises(SystemExit):
         tile_sweep.main(["--out", str(tmp_path), "--variants", "num_warps=8", "warp=8"])

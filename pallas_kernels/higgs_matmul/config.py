@@ -23,7 +23,21 @@ MAX_FMA_M = 8
 #: p = 1, full op): at M = 8 the fma path (8 FMAs per weight, 255 registers) took 290 us at
 #: 8192x28672 4-bit against 114 us on the pipelined dot path; at M = 4 the two were within 20%
 #: of each other either way (fma 136 vs dot 113 us at 8192x28672, 41 vs 47 us at 4096x14336).
+#: Session 17 (H100, full op, `tile_sweep.py --m 4|2 --variants as_m=16`, p = 1 at 2/3/4 bits,
+#: `benchmarks/results/s17/sweep_m2_m4/`): at M = 4 the dot path (M = 16's default config) was
+#: faster in 9 of 12 cases (8192x28672 4-bit 134.3 -> 99.4 us, 2-bit 98.7 -> 74.5; 4096x14336
+#: and 14336x4096 1.02-1.25x) and slower only at 4096x4096 (21.8 vs 23.0, 22.1 vs 22.5, 17.9 vs
+#: 20.4 us); at M = 2 the fma path was faster in 11 of 12 (one tie). M = 3 runs the fma path
+#: with 4 padded rows, like M = 4. So: fma up to M = 2, and at M = 3..4 up to
+#: `SMALL_FMA_WEIGHTS` weights.
 DEFAULT_FMA_M = 4
+#: Weights (K x N) up to which M = 3..4 keeps the fma path (4096 x 4096 in session 17's sweep).
+SMALL_FMA_WEIGHTS = 4096 * 4096
+
+
+def use_fma_path(m: int, k: int, n: int) -> bool:
+    """Whether `default_config` picks the fma path for an (m, k) x (k, n) product."""
+    return m <= 2 or (m <= DEFAULT_FMA_M and k * n <= SMALL_FMA_WEIGHTS)
 
 
 def _pow2(v: int) -> bool:
@@ -225,12 +239,18 @@ def split_k_for(steps_total: int, n_blocks: int, target: int = TARGET_PROGRAMS) 
     return split
 
 
-def default_config(m: int, k: int, n: int, p: int, bits: float) -> Config:
-    """Heuristic config for an (m, k) x (k, n) product with a p-dim grid of `bits` bits/weight."""
+def default_config(
+    m: int, k: int, n: int, p: int, bits: float, *, fma: bool | None = None
+) -> Config:
+    """Heuristic config for an (m, k) x (k, n) product with a p-dim grid of `bits` bits/weight.
+    ``fma``: force the fma path (True, M <= `MAX_FMA_M`) or the dot path (False); None: the
+    measured choice (`use_fma_path`)."""
     codes = -(-k // p)  # ceil(k / p) codes per column
     units = -(-codes // 32)  # 32-code units (cb words each) per column
     code_bits = round(bits * p)
-    if m <= DEFAULT_FMA_M:
+    if fma and m > MAX_FMA_M:
+        raise ValueError(f"the fma path takes M <= {MAX_FMA_M}, got M={m}")
+    if use_fma_path(m, k, n) if fma is None else fma:
         # Plane kernel with pair decoding: fastest of the measured M=1 variants on an H100
         # (Nsight Compute sweeps, benchmarks/results/kernel_profile_sweep*.md; the byte-LUT
         # "gemv" path was 2-20% slower). p = 2: 16 units per step for 8-bit codes (76 vs 83 vs
@@ -442,6 +462,8 @@ def candidate_configs(m: int, k: int, n: int, p: int, bits: float) -> list[Confi
             for mm in (0, 16, 32):
                 if mm < base.block_m and mm != base.mma_m:
                     out.append(dataclasses.replace(base, mma_m=mm))
+        if m <= DEFAULT_FMA_M:  # the other side of `use_fma_path` (session 17)
+            out.append(default_config(m, k, n, p, bits, fma=True))
     elif m > 1:
         # The pipelined dot path (K = 16 units per dot) against the fma path for 2 <= M <= 4.
         dot_k = max(base.block_k, 16 * 32 * p)

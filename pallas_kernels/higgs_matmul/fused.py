@@ -77,10 +77,11 @@ def with_rotation(
     has_signs: bool,
     interpret: bool,
 ):
-    """Kernel ``body(x_ref, w_ref, s_ref, lut_ref, o_ref)`` (x in the blocked layout) -> a kernel
+    """Kernel ``body(x_ref, w_ref, s_ref, lut_ref, o_ref)`` (x in the blocked layout; built with
+    ``x_rows_per_column_block=Mp``, so column block j reads rows [j Mp, (j + 1) Mp)) -> a kernel
     over ``(x_raw (M, K) [or padded in interpret mode], w, scales, lut, [signs (1, NB h)],
-    H_32, H_XB, o_ref, xs_ref)`` that rotates its blocks into ``xs_ref`` (Mp, NB, 1, 32, XB)
-    first; see the module docstring."""
+    H_32, H_XB, o_ref, xs_ref)`` that rotates its blocks into its column block's rows of
+    ``xs_ref`` (N / BN x Mp, NB, 1, 32, XB) first; see the module docstring."""
     xb = h // 32
     nblk = min(nb, blocks_per_program(steps, bku, xb))
     mask = _rotate.needs_mask(m, k, mp, nb, h)
@@ -89,6 +90,7 @@ def with_rotation(
         refs = list(refs)
         sg_ref = refs.pop(0) if has_signs else None
         ha_ref, hb_ref, o_ref, xs_ref = refs
+        r0 = pl.program_id(0) * mp  # this column block's own copy: rows [j Mp, (j + 1) Mp)
         s = pl.program_id(1)
         b_first = (s * (steps * bku)) // xb
         rows = lax.broadcasted_iota(jnp.int32, (mp, 1), 0)
@@ -108,7 +110,7 @@ def with_rotation(
                 x, ha, hb, h=h, xb=xb, bm=mp, f32_in=f32_in,
                 f32_out=xs_ref.dtype == jnp.float32,
             )
-            xs_ref[pl.ds(0, mp), b, 0, :, :] = y.reshape(mp, 32, xb).astype(xs_ref.dtype)
+            xs_ref[pl.ds(r0, mp), b, 0, :, :] = y.reshape(mp, 32, xb).astype(xs_ref.dtype)
         _compat.block_barrier(interpret=interpret)
         body(xs_ref, w_ref, s_ref, lut_ref, o_ref)
 

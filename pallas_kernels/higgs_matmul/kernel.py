@@ -343,9 +343,14 @@ def higgs_matmul_kernel(
     swap_dot: bool = False,
     mma_m: int = 0,
     prefetch: int = 0,
+    x_rows_per_column_block: int = 0,
     interpret: bool = False,
 ):
     """Kernel body; see the module docstring. Plane-path options (`Config`):
+
+    x_rows_per_column_block: "fma" path: 0, or the program of column block j reads x rows
+      [j R, j R + M) (R this value): each column block's own copy of the activations, which
+      `fused.py` writes in the kernel's prologue.
 
     words: when the weight words of a tile are loaded. "lazy": each word row right before the
       first plane that needs it (one DRAM round trip per word row, in series). "eager": all cb
@@ -374,6 +379,7 @@ def higgs_matmul_kernel(
     j = pl.program_id(0)
     s = pl.program_id(1)
     i = pl.program_id(2)  # read here: interpret mode cannot lower program_id inside the loop
+    x_row0 = j * x_rows_per_column_block if x_rows_per_column_block else 0
     n0 = pl.multiple_of(j * bn, bn)
     cols = n0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
     parts = code_parts(cb)
@@ -468,7 +474,7 @@ def higgs_matmul_kernel(
             return loaded[t]
 
         def xrow(m, d, c):  # (BKU, BN) f32 broadcast of one activation plane (fma path)
-            xs = x_plane(x_ref, m, d, c, u0, bku=bku, xblk=xblk).astype(jnp.float32)
+            xs = x_plane(x_ref, x_row0 + m, d, c, u0, bku=bku, xblk=xblk).astype(jnp.float32)
             return jnp.broadcast_to(xs[:, None], (bku, bn))
 
         if path == "fma":
@@ -497,7 +503,7 @@ def higgs_matmul_kernel(
                                 xrow(m, d, cc), v, partial[m], interpret=interpret
                             )
                         else:
-                            xs = x_plane(x_ref, m, d, cc, u0, bku=bku, xblk=xblk)
+                            xs = x_plane(x_ref, x_row0 + m, d, cc, u0, bku=bku, xblk=xblk)
                             partial[m] = partial[m] + xs.astype(jnp.float32)[:, None] * v
                 else:
                     wv = None

@@ -542,6 +542,7 @@ def launch_kernel(
                 swap_dot=cfg.path == "dot" and cfg.dot_order == "wx",
                 mma_m=min(cfg.mma_m, bm) if cfg.path == "dot" else 0,
                 prefetch=cfg.prefetch if cfg.path in ("fma", "dot") else 0,
+                x_rows_per_column_block=mp if fused else 0,
                 interpret=interpret,
                 **common,
             )
@@ -623,7 +624,7 @@ def launch_kernel(
             body, h=h, m=m, k=kw.K, mp=mp, nb=nb, steps=steps, bku=bku,
             has_signs=kw.signs is not None, interpret=interpret,
         )
-        scratch = jax.ShapeDtypeStruct((mp, nb, 1, 32, xblk), g["xdt"])
+        scratch = jax.ShapeDtypeStruct((grid[0] * mp, nb, 1, 32, xblk), g["xdt"])
         with _compat.quiet_triton_deprecation():
             partial, _ = pl.pallas_call(
                 kernel, out_shape=(partial_shape, scratch), name=name + "_fr", **params
