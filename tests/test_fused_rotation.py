@@ -131,7 +131,9 @@ def test_gpu_fused_default_tiling_llama_shapes(m, k, n, n_grid):
     """The heuristic default tiling (8 warps, register tables, inline-PTX FMAs) with the
     rotation in the prologue, h = 1024, against the two-launch op and the reference."""
     w = _weight(k, n, n_grid, 1024, seed=k)
-    cfg = dataclasses.replace(default_config(m, k, n, 1, np.log2(n_grid)), rotation="fused")
+    # the fma path's default tiling (M = 4 at 4096x6144 takes the dot path by default)
+    cfg = default_config(m, k, n, 1, np.log2(n_grid), fma=True)
+    cfg = dataclasses.replace(cfg, rotation="fused")
     assert wrapper.fused_rotation_applies(repack(w), cfg)[0]
     x = jax.random.normal(jax.random.key(k), (m, k), jnp.bfloat16)
     y = higgs_matmul_pallas(x, w, config=cfg)
