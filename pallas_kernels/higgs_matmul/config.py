@@ -126,6 +126,9 @@ class Config:
         faster on all 12 (shape, width) cases of `tile_sweep.py --variants rotation=kernel`
         (8192x28672 4-bit 66.9 -> 64.2 us, 4096x4096 2-bit 17.6 -> 13.2), and at M = 16 (nk,
         4-bit 8192x28672) the op's kernels took 57.6 instead of 61.4 us in a profiler trace.
+        "fused": the matmul kernel rotates x itself, in its prologue (`fused.py`; "fma" path,
+        p = 1, h = 512..2048, reduce="xla"; the "kernel" route elsewhere). Slower on an H100
+        (session 17): 63.7 -> 81.9 us at 8192x28672 4-bit M = 1, within 1.5 us elsewhere.
       norm: where a pre-norm handed to the matmul (``norm_scale``/``norm_eps``: the model's
         RMSNorm before q/k/v, gate/up and the lm_head) is computed: "xla" (`higgs_jax.norms.
         rms_norm` before the rotation; XLA fuses it with the residual add and the sum of

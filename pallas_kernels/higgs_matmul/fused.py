@@ -8,20 +8,26 @@ x BKU); before its main loop it
 1. loads the raw (Mp, h) windows of x for every Hadamard block b its units touch (masked: zero
    beyond M and K), applies the random signs, and rotates each with `rotate.rotate_window`
    (two small dots with the Sylvester factors H_32 and H_XB);
-2. stores the result in the blocked layout into a scratch output of the launch, (Mp, NB, 1, 32,
-   XB) float32, at block b;
+2. stores the result in the blocked layout into a scratch output of the launch, (N / BN x Mp,
+   NB, 1, 32, XB) float32: column block j owns rows [j Mp, (j + 1) Mp), so no two column blocks
+   write the same lines (with one scratch shared by all of them, the 224 column blocks of
+   4096x14336 wrote the same lines and the op took 44 instead of 26 us on an H100);
 3. waits at a block barrier (``bar.sync``: the program's stores are visible to all its threads);
 
-and then runs the unchanged kernel body on the scratch as its activations. Programs with the same
-s (all column blocks) write the same blocks with the same values, computed by the same
-instructions from the same inputs, so whichever store lands last, the bits a program reads are
-the ones it computed itself. Every block a program reads is one it wrote (the blocks its unit
-range touches, clamped to the last block), so no unwritten scratch is ever read.
+and then runs the unchanged kernel body on its rows of the scratch as its activations
+(`kernel.higgs_matmul_kernel` with ``x_rows_per_column_block``). Programs of one column block
+with different s write disjoint blocks, except where a block is shared by several split-K
+programs (T < XB); those write the same values, computed by the same instructions from the same
+inputs. Every block a program reads is one it wrote (the blocks its unit range touches, clamped
+to the last block), so no unwritten scratch is ever read.
 
 Cost: each program rotates the blocks of its own K range (nothing is shared across programs),
-T / XB blocks, or one whole block when T < XB (then split-K programs repeat the same block). At
-M <= 8 that is two dots of at most 8 XB x 32 x 32 and 8 x 32 x XB x XB multiply-adds per block,
-against T x BN x 32 decoded weights per program.
+T / XB blocks, or one whole block when T < XB (then split-K programs repeat the same block), in
+series before its first weight load. Measured on an H100 (session 17, full op, M = 1, p = 1,
+`benchmarks/results/s17/fused_private/`): within +-1.5 us of the separate rotation kernel at
+4096x14336, 14336x4096 and 4096x4096, but 63.7 -> 81.9 us (4-bit) and 50.2 -> 59.4 us (2-bit)
+at 8192x28672, where 896 programs each rotate two 1024-blocks. So it is an option
+(``Config.rotation = "fused"``), and the separate kernel (``"kernel"``) stays the default.
 
 Scope: the "fma" path (M <= 8), p = 1, power-of-two h in 512..2048 whose blocks are whole
 activation blocks (`wrapper.activation_block`), ``reduce = "xla"``. Elsewhere the wrapper keeps
