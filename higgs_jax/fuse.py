@@ -195,8 +195,19 @@ def fuse_projections(
     return out, report
 
 
+#: Decode batch from which ``prepare_for_inference(kernel_layout="auto", batch_size=B)`` picks
+#: the nk16 layout on a GPU. H100, session 17 (`benchmarks/results/s17/kernel_table/TABLE.md`,
+#: 8192x28672): M = 4 4-bit 66.2 us on nk16 against 102.8 in the default layout (2-bit 56.4 vs
+#: 78.0); M = 1 4-bit 65.7 vs 64.4 and 2-bit 57.2 vs 51.7 (the default layout wins at batch 1).
+NK16_MIN_BATCH = 4
+
+
 def prepare_for_inference(
-    params: Mapping[str, Any], *, fuse: bool = True, kernel_layout: bool | str = "auto"
+    params: Mapping[str, Any],
+    *,
+    fuse: bool = True,
+    kernel_layout: bool | str = "auto",
+    batch_size: int | None = None,
 ) -> tuple[dict, list[dict]]:
     """Load-time preparation of quantized Llama params for decoding.
 
@@ -207,24 +218,33 @@ def prepare_for_inference(
        "nk16": as True, then (after fusing) every weight the kernel's "nk" path takes (p = 1,
        2- or 4-bit codes, scale groups of multiples of 512; `repack.nk16_problem`) goes to the
        nk16 layout (`repack.to_nk16_tree`), the layout for batched decoding and prefill
-       (M >= 16, bfloat16 activations for 4-bit codes). On an H100 (benchmarks/RESULTS.md §6,
-       session 14) it is faster from M = 16 up (8192x28672: 2.41x of cuBLAS at M = 16 and 1.22x
-       at M = 64 at 4 bits, against 1.57x / 0.81x in the default layout; 32-layer decode at batch
-       16 1.53x of bf16) and slower at M = 1 (batch-1 decode 1.55x against 1.85x). The weights
-       that stay in the default layout are logged.
+       (bfloat16 activations for 4-bit codes). On an H100 (benchmarks/RESULTS.md §6, sessions
+       14 and 17) it is faster from M = 4 up (8192x28672 at 4 bits: 2.35x / 2.44x / 1.23x of
+       cuBLAS at M = 4 / 16 / 64, against 1.52x / 1.57x / 0.79x in the default layout; 32-layer
+       decode at batch 16 1.53x of bf16) and slower at M = 1 (batch-1 decode 1.55x against
+       1.85x). The weights that stay in the default layout are logged.
     2. ``fuse``: `fuse_projections` (one matmul per shared input).
+
+    ``batch_size``: the decode batch these params will serve (rows of x per matmul in a decode
+    step), a hint for ``kernel_layout="auto"``: on an NVIDIA GPU, ``batch_size >=``
+    `NK16_MIN_BATCH` picks "nk16", smaller batches (or None) the default layout. Ignored by the
+    explicit layouts; off the GPU "auto" keeps `HiggsTensor` leaves either way.
 
     Returns:
       (params, fusion report); the report is empty when ``fuse`` is False.
 
     Raises:
       ValueError: ``kernel_layout`` is not True/False/"auto"/"nk16", or True/"nk16" without
-        `pallas_kernels`.
+        `pallas_kernels`; ``batch_size`` is not None or a positive int.
     """
     if kernel_layout not in (True, False, "auto", "nk16"):
         raise ValueError(
             f"kernel_layout must be True, False, 'auto' or 'nk16', got {kernel_layout!r}"
         )
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")
     nk16 = kernel_layout == "nk16"
     if nk16:
         kernel_layout = True
@@ -239,6 +259,9 @@ def prepare_for_inference(
             repack = None
         cc = None if repack is None else _compat.gpu_compute_capability()
         on_gpu = cc is not None and cc >= _compat.MIN_COMPUTE_CAPABILITY
+        if kernel_layout == "auto" and on_gpu and (batch_size or 0) >= NK16_MIN_BATCH:
+            nk16 = True
+            _log.info("batch_size=%d >= %d on a GPU: the nk16 layout", batch_size, NK16_MIN_BATCH)
         if repack is not None and (kernel_layout is True or on_gpu):
             from higgs_jax.qtensor import HiggsTensor
             from pallas_kernels.higgs_matmul.wrapper import weight_problems

@@ -240,6 +240,36 @@ def test_prepare_for_inference_nk16(caplog):
     assert float(jnp.linalg.norm(y.astype(jnp.float32) - r) / jnp.linalg.norm(r)) < 1e-2
 
 
+def test_prepare_for_inference_batch_size_picks_the_layout(monkeypatch):
+    """kernel_layout="auto" with a batch_size hint: on a GPU (simulated here by the compute
+    capability the check reads) batch >= 4 gets the nk16 layout, batch 1 the default layout; off
+    the GPU nothing is repacked; bad hints are named."""
+    from pallas_kernels import _compat
+
+    from higgs_jax import fuse
+
+    cfg = dataclasses.replace(
+        SMALL, hidden_size=512, intermediate_size=1024, num_layers=1, num_heads=8, num_kv_heads=4,
+        head_dim=64,
+    )
+    q, _ = quantize_params(
+        random_params(cfg, jax.random.key(11)),
+        default_rules(HiggsConfig(bits=4, p=1, hadamard_size=512, group_size=512)),
+    )
+    cpu, _ = fuse.prepare_for_inference(q, batch_size=16)
+    assert not hasattr(cpu["layers_0"]["attn"]["qkv_proj"]["kernel"], "layout")  # a HiggsTensor
+    monkeypatch.setattr(_compat, "gpu_compute_capability", lambda *a, **k: (9, 0))
+    for batch, layout in ((1, "kn"), (None, "kn"), (fuse.NK16_MIN_BATCH, "nk16"), (16, "nk16")):
+        out, _ = fuse.prepare_for_inference(q, batch_size=batch)
+        assert out["layers_0"]["mlp"]["down_proj"]["kernel"].layout == layout, batch
+    # explicit layouts ignore the hint
+    out, _ = fuse.prepare_for_inference(q, kernel_layout=True, batch_size=16)
+    assert out["layers_0"]["mlp"]["down_proj"]["kernel"].layout == "kn"
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match=f"batch_size must be None or a positive int, got {bad!r}"):
+            fuse.prepare_for_inference(q, batch_size=bad)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not any(d.platform == "gpu" for d in jax.devices()), reason="needs an NVIDIA GPU"
