@@ -140,7 +140,8 @@ def decoder_candidates(
 
 def parse_variant(text: str) -> dict:
     """``"path=dot,num_warps=8"`` -> Config overrides (ints, true/false, strings); "default" or
-    "" -> no overrides. Unknown field names raise ValueError naming them."""
+    "" -> no overrides. Also ``as_m=16``: start from M = 16's default config (`variant_candidates`).
+    Unknown field names and a non-positive ``as_m`` raise ValueError naming them."""
     from pallas_kernels.higgs_matmul import Config
 
     fields = set(Config.__dataclass_fields__) | {"as_m"}
@@ -159,6 +160,9 @@ def parse_variant(text: str) -> dict:
             out[name] = int(val)
         else:
             out[name] = val
+    if "as_m" in out and (isinstance(out["as_m"], bool) or not isinstance(out["as_m"], int)
+                          or out["as_m"] < 1):
+        raise ValueError(f"as_m must be a positive int, got {out['as_m']!r}")
     return out
 
 
@@ -174,8 +178,6 @@ def variant_candidates(m: int, k: int, n: int, p: int, n_grid: int, variants) ->
         if over.get("path") == "nk":
             start = nk_config(m, k, n, code_bits=SUPPORTED[(p, n_grid)])
         elif as_m is not None:
-            if not isinstance(as_m, int) or as_m < 1:
-                raise ValueError(f"as_m must be a positive int, got {as_m!r}")
             start = default_config(as_m, k, n, p, SUPPORTED[(p, n_grid)] / p)
         else:
             start = base
@@ -229,9 +231,7 @@ def main(argv=None) -> int:
     for v in args.variants or ():
         try:
             over = parse_variant(v)
-            as_m = over.pop("as_m", 1)
-            if not isinstance(as_m, int) or as_m < 1:
-                raise ValueError(f"as_m must be a positive int, got {as_m!r}")
+            over.pop("as_m", None)
             dataclasses.replace(Config(), **over)  # names a bad value too
         except ValueError as e:
             ap.error(f"--variants {v!r}: {e}")
