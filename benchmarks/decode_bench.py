@@ -223,19 +223,24 @@ def params_bytes(params: dict) -> dict[str, int]:
     return {"total": total, "layer_linears": layers, "other": total - layers}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "batch", "cache_len", "ctx"))
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _random_kv(key: jax.Array, shape: tuple[int, ...]) -> dict:
+    kk, kv = jax.random.split(key)
+    return {"k": jax.random.normal(kk, shape, DTYPE), "v": jax.random.normal(kv, shape, DTYPE)}
+
+
 def random_cache(
     key: jax.Array, config: llama.LlamaConfig, batch: int, cache_len: int, ctx: int
 ) -> dict:
-    """A KV cache in `llama.init_cache` layout with random bf16 entries and ``index = ctx``."""
+    """A KV cache in `llama.init_cache` layout with random bf16 entries and ``index = ctx``.
+
+    One small jitted generator called per layer: a single jit over all layers' 64 normals took
+    3.5-3.8 min to compile on the H100 (XLA's "very slow compile" alarm, session 18)."""
     shape = (batch, cache_len, config.num_kv_heads, config.head_dim)
-    cache: dict[str, Any] = {}
-    for i in range(config.num_layers):
-        kk, kv = jax.random.split(jax.random.fold_in(key, i))
-        cache[f"layers_{i}"] = {
-            "k": jax.random.normal(kk, shape, DTYPE),
-            "v": jax.random.normal(kv, shape, DTYPE),
-        }
+    cache: dict[str, Any] = {
+        f"layers_{i}": _random_kv(jax.random.fold_in(key, i), shape)
+        for i in range(config.num_layers)
+    }
     cache["index"] = jnp.asarray(ctx, jnp.int32)
     return cache
 

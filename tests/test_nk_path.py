@@ -358,6 +358,30 @@ def test_nk_config_defaults():
     assert (c1.dot_order, c64.dot_order, c64.mma_m) == ("xw", "wx", 0)
 
 
+@pytest.mark.parametrize(
+    "m,k,n,split",
+    [
+        (64, 4096, 14336, 2),  # 112 column tiles: 224 programs
+        (64, 14336, 4096, 8),  # 32 column tiles: 256 programs
+        (32, 4096, 14336, 2),
+        (64, 8192, 28672, 1),  # 224 tiles already
+        (128, 4096, 14336, 1),  # 2 row blocks x 112 tiles
+        (64, 4096, 1024, 8),  # capped by K: 8 blocks of 16 units
+    ],
+)
+def test_nk_config_wide_blocks_cap_programs(m, k, n, split):
+    """32/64-row blocks: the largest power-of-two split with <= NK_WIDE_MAX_PROGRAMS programs
+    (their float32 partials are as large as the codes at split 8, M = 64, K = 4096)."""
+    from pallas_kernels.higgs_matmul.config import NK_WIDE_MAX_PROGRAMS
+
+    cfg = nk_config(m, k, n, code_bits=4)
+    assert cfg.split_k == split
+    tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
+    steps = -(-k // 512)
+    assert tiles * cfg.split_k <= NK_WIDE_MAX_PROGRAMS or cfg.split_k == 1
+    assert cfg.split_k * 2 > steps or tiles * cfg.split_k * 2 > NK_WIDE_MAX_PROGRAMS
+
+
 def test_nk_bad_input():
     nk = _nk_weight(1024, 16, 16)
     kn = _sm(1024, 16, 16, g=512)

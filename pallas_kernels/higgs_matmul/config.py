@@ -233,6 +233,25 @@ def _next_pow2(v: int) -> int:
 TARGET_PROGRAMS = 528
 
 
+#: nk path, 32/64-row blocks: at most this many programs (H100, session 18, full op,
+#: `benchmarks/results/s18/`). M = 64, 4-bit: 4096x14336 split 2 / 4 / 8 = 43.9 / 49.1 / 52.0 us
+#: (224 / 448 / 896 programs); 14336x4096 split 4 / 8 / 16 = 49.5 / 43.9 / 50.5 (128 / 256 / 512);
+#: 4096x4096 split 4 / 8 = 22.9 / 24.7; 8192x28672 split 1 / 2 / 4 = 129.7 / 133.8 / 130.5.
+#: M = 64, 2-bit: 4096x14336 split 2 / 8 = 43.3 / 50.2; 14336x4096 split 4 / 8 / 16 = 51.8 /
+#: 43.0 / 48.9. M = 32 4096x14336 split 2 / 4 / 8 = 32.5 / 32.3 / 36.0; M = 128 split 1 / 2 / 4 =
+#: 72.8 / 76.3 / 76.4.
+NK_WIDE_MAX_PROGRAMS = 256
+
+
+def split_k_at_most(steps_total: int, n_blocks: int, max_programs: int) -> int:
+    """Largest power-of-two split-K with >= 1 loop step per program and at most
+    ``max_programs`` programs (n_blocks output tiles x split); 1 if even that is exceeded."""
+    split = 1
+    while split * 2 <= steps_total and n_blocks * split * 2 <= max_programs:
+        split *= 2
+    return split
+
+
 def split_k_for(steps_total: int, n_blocks: int, target: int = TARGET_PROGRAMS) -> int:
     """Power-of-two split-K: double while each program keeps >= 1 loop step and the grid
     (n_blocks output tiles x split) is below `target` programs."""
@@ -318,7 +337,8 @@ def nk_config(m: int, k: int, n: int, *, code_bits: int) -> Config:
     """Heuristic config of the "nk" path (p = 1 weights in the nk16 layout, ``code_bits`` 2 or 4)
     for an (m, k) x (k, n) product: one 16-unit block (one dot of K = 16 per plane) per
     ``row_steps`` loop steps, BM = M rounded up to a power of two between 16 and 64, 128
-    columns, split-K up to `TARGET_PROGRAMS` programs.
+    columns, split-K up to `TARGET_PROGRAMS` programs at 16-row blocks and at most
+    `NK_WIDE_MAX_PROGRAMS` at 32/64-row blocks (whose float32 partials cost real traffic).
 
     Loop steps and stages (H100, session 14, full op, `benchmarks/results/s14/`): at num_stages
     = 2 Triton keeps one shared-memory buffer and serialises the copies with the compute, at 3
@@ -344,7 +364,13 @@ def nk_config(m: int, k: int, n: int, *, code_bits: int) -> Config:
     bku = 16
     steps_total = -(-units // bku)
     n_blocks = -(-n // block_n) * -(-m // block_m)
-    split = split_k_for(steps_total, n_blocks, TARGET_PROGRAMS)
+    # The (split, M, N) float32 partials grow with M: at M = 64 and split 8 they are as large as
+    # the 4-bit codes of a 4096-row weight (16 split M / K of the code bytes, written and read
+    # again). So 32/64-row blocks take at most `NK_WIDE_MAX_PROGRAMS` programs.
+    if block_m > 16:
+        split = split_k_at_most(steps_total, n_blocks, NK_WIDE_MAX_PROGRAMS)
+    else:
+        split = split_k_for(steps_total, n_blocks, TARGET_PROGRAMS)
     if block_m > 16:
         row_steps = 4  # 8 planes per step: 2 word rows of 4-bit codes, 1 of 2-bit
     else:
