@@ -275,11 +275,16 @@ def linear_implementation(mode: str) -> Iterator[None]:
         llama.linear = original
 
 
+#: Decode-step attention of every variant (`llama.forward(attention=)`), set by ``--attention``.
+ATTENTION = "auto"
+
+
 def make_step_fn(config: llama.LlamaConfig):
     """jit: (params, tokens (B, 1), cache) -> float32 logits (B, V) of one decode step."""
 
     def step(params, tok, cache):
-        return llama.forward(params, tok, config, cache=cache, dtype=DTYPE)[0][:, -1]
+        out = llama.forward(params, tok, config, cache=cache, dtype=DTYPE, attention=ATTENTION)
+        return out[0][:, -1]
 
     return jax.jit(step)
 
@@ -293,7 +298,9 @@ def make_decode_loop(config: llama.LlamaConfig):
     def loop(params, tok, cache, n):
         def body(_, carry):
             tok, cache = carry
-            logits, cache = llama.forward(params, tok, config, cache=cache, dtype=DTYPE)
+            logits, cache = llama.forward(
+                params, tok, config, cache=cache, dtype=DTYPE, attention=ATTENTION
+            )
             nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
             return nxt, cache
 
@@ -556,6 +563,7 @@ def child_argv(args: argparse.Namespace, job: str) -> list[str]:
         argv.append("--nk16")
     if args.kernel_options:
         argv += ["--kernel-options", *args.kernel_options]
+    argv += ["--attention", args.attention]
     return argv
 
 
@@ -695,7 +703,8 @@ def render_markdown(results: dict) -> str:
         f"- command: `{m['command']}`",
         f"- model: {m['model']}; {m['layers_note']}"
         + ("; q/k/v and gate/up fused (one matmul each)" if m.get("fused_projections") else "")
-        + (f"; kernel options {m['kernel_options']}" if m.get("kernel_options") else ""),
+        + (f"; kernel options {m['kernel_options']}" if m.get("kernel_options") else "")
+        + f"; decode attention: {m.get('attention', 'xla (before session 18)')}",
         (
             f"- decode step: one new token per row, KV cache length S={m['cache_len']} holding "
             f"ctx={m['ctx']} tokens (attention spans all S slots, masked); R={m['reps']} steps per "
@@ -783,8 +792,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "fused_fma=1 (M <= 8 configs) or rotation=xla (every config); pallas_kernels.higgs_matmul"
         ".Config fields. One variant's own options: p1_4b@rotation=xla",
     )
+    ap.add_argument(
+        "--attention",
+        choices=["auto", "xla"],
+        default="auto",
+        help="decode-step attention of every variant: auto = the Pallas decode-attention kernel "
+        "on a GPU (llama.forward's default), xla = the einsum/softmax path",
+    )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global ATTENTION
+    ATTENTION = args.attention
     for v in args.variants:
         variant_spec(v)
     args.kernel_options_parsed = parse_kernel_options(args.kernel_options)
@@ -853,6 +871,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "quantize_lm_head": bool(args.quantize_lm_head),
         "nk16": bool(args.nk16),
         "kernel_options": args.kernel_options_parsed,
+        "attention": args.attention,
         "separate_processes": not args.in_process,
     }
     log(

@@ -30,9 +30,11 @@ rope(x) = x * cos + [-x2, x1] * sin with angles pos * theta^(-2i/hd), i < hd/2.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 from collections.abc import Mapping
 from typing import Any
 
@@ -350,6 +352,40 @@ def _attention(
     return out.reshape(B, T, Hq * hd).astype(q.dtype)
 
 
+#: How a one-token decode step with a KV cache runs attention (`forward(..., attention=)`):
+#: "auto" = the Pallas decode-attention kernel (`pallas_kernels.decode_attention`: cache update,
+#: masked softmax and both products in one launch) on a supported NVIDIA GPU, XLA elsewhere;
+#: "xla"; "pallas" (an error where it cannot run); "interpret" (the kernel in Pallas interpret
+#: mode, for CPU tests). Prefill (T > 1) always takes the XLA path.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas", "interpret")
+
+
+def _kernel_decode_attention(q, k, v, layer_cache, start, mask, impl: str):
+    """The decode-attention kernel for T = 1 when ``impl`` picks it, else None (the XLA path).
+    q: (B, 1, Hq, hd), k/v: (B, 1, Hkv, hd) after RoPE; mask (B, 1, S)."""
+    if impl == "xla":
+        return None
+    try:
+        from pallas_kernels import decode_attention as da
+    except ImportError:
+        if impl == "auto":
+            return None
+        raise
+    args = (q[:, 0], k[:, 0], v[:, 0], layer_cache["k"], layer_cache["v"], start, mask[:, 0])
+    if impl == "interpret":
+        return da.decode_attention(*args, interpret=True)
+    if impl == "auto" and not da.can_use_pallas(args[0], args[3])[0]:
+        return None
+    return da.decode_attention(*args, implementation="pallas")
+
+
+def _check_attention(attention: str) -> None:
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}"
+        )
+
+
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
     """An empty KV cache for ``max_len`` positions.
 
@@ -390,6 +426,7 @@ def decoder_block(
     start: jax.Array | int = 0,
     dtype: Any = jnp.float32,
     capture: bool = False,
+    attention: str = "auto",
 ) -> tuple[jax.Array, dict | None, dict | None]:
     """One pre-norm decoder block: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``.
 
@@ -404,6 +441,7 @@ def decoder_block(
         dtype: compute dtype.
         capture: also return the inputs of the block's linear layers (see `LINEAR_INPUTS`), for
             calibration statistics (GPTQ / QuantEase Hessians).
+        attention: decode-step attention implementation (`ATTENTION_IMPLEMENTATIONS`).
 
     Returns:
         ``(h_out, new_layer_cache or None, captured inputs or None)``.
@@ -427,14 +465,22 @@ def decoder_block(
     q = _rope(q, positions, inv_freq)
     k = _rope(k, positions, inv_freq)
     new_lc = None
-    if layer_cache is not None:
+    fused = None
+    if layer_cache is not None and T == 1:
+        fused = _kernel_decode_attention(q, k, v, layer_cache, start, mask, attention)
+    if fused is not None:
+        a, kc, vc = fused
+        new_lc = {"k": kc, "v": vc}
+        a = a.reshape(B, T, c.num_heads * c.head_dim)
+    elif layer_cache is not None:
         k = jax.lax.dynamic_update_slice(
             layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, start, 0, 0))
         v = jax.lax.dynamic_update_slice(
             layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, start, 0, 0))
         new_lc = {"k": k, "v": v}
         k, v = k.astype(dtype), v.astype(dtype)
-    a = _attention(q, k, v, mask, c.num_kv_heads)
+    if fused is None:
+        a = _attention(q, k, v, mask, c.num_kv_heads)
     h_attn = h  # the residual stream the attention block read
     h = h + _linear(a, ap["o_proj"]).astype(dtype)
     mp, post = lp["mlp"], lp["post_attn_norm"]
@@ -466,6 +512,7 @@ def forward(
     cache: Cache | None = None,
     attention_mask: jax.Array | None = None,
     dtype: Any = jnp.float32,
+    attention: str = "auto",
 ) -> tuple[jax.Array, Cache | None]:
     """Runs the decoder.
 
@@ -481,10 +528,14 @@ def forward(
             (S = T without cache, the cache length with one), e.g. to hide left padding.
         dtype: Compute dtype (activations, kernels cast to it); norms, RoPE, softmax and the
             logits are float32.
+        attention: how one-token steps with a cache run attention, one of
+            `ATTENTION_IMPLEMENTATIONS` ("auto": the Pallas decode-attention kernel on a
+            supported NVIDIA GPU, XLA elsewhere). A static argument under jit.
 
     Returns:
         ``(logits float32 (B, T, V), new_cache)``; ``new_cache`` is None when ``cache`` is None.
     """
+    _check_attention(attention)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must have shape (batch, seq), got {tokens.shape}")
     c = config
@@ -509,7 +560,8 @@ def forward(
     for i in range(c.num_layers):
         layer_cache = None if cache is None else cache[f"layers_{i}"]
         h, lc, _ = decoder_block(params[f"layers_{i}"], h, c, positions=positions, mask=mask,
-                                 layer_cache=layer_cache, start=start, dtype=dtype)
+                                 layer_cache=layer_cache, start=start, dtype=dtype,
+                                 attention=attention)
         if cache is not None:
             new_cache[f"layers_{i}"] = lc
     if "lm_head" in params:
