@@ -67,6 +67,30 @@ def test_kernel_matches_reference(b, s, hkv, g, hd, index):
     np.testing.assert_array_equal(np.asarray(got[1][:, untouched]), np.asarray(kc[:, untouched]))
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3, 8])
+def test_split_cache_walk_matches_reference(splits):
+    """The cache walk split over programs (flash-decoding partials merged by `_combine`) gives
+    the one-program result; 3 splits of 8 blocks leave uneven ranges, and at index 70 the splits
+    past block 1 see no slot at all."""
+    from pallas_kernels.decode_attention.kernel import splits_for
+
+    q, kn, vn, kc, vc, mask = operands(1, 512, 2, 4, 32, dtype=jnp.float32, seed=splits)
+    mask = mask.at[:, 70].set(True)
+    want = decode_attention_reference(q, kn, vn, kc, vc, 70, mask)
+    got = decode_attention_pallas(q, kn, vn, kc, vc, 70, mask, interpret=True, splits=splits)
+    _close(got[0], want[0], 1e-5)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+    assert splits_for(1, 8, 8) == 8 and splits_for(16, 8, 8) == 1 and splits_for(1, 8, 64) == 16
+
+
+def test_bad_splits_are_named():
+    q, kn, vn, kc, vc, mask = operands(1, 256, 2, 2, 16)
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match=f"splits must be an int in 1..4 .* got {bad!r}"):
+            decode_attention_pallas(q, kn, vn, kc, vc, 0, mask, interpret=True, splits=bad)
+
+
 def test_float32_with_float32_cache_is_tight():
     q, kn, vn, kc, vc, mask = operands(2, 64, 2, 2, 32, dtype=jnp.float32, seed=5)
     mask = mask.at[:, 17].set(True)
