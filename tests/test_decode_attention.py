@@ -244,6 +244,20 @@ def test_model_decode_through_the_kernel(dtype, monkeypatch):
     )
 
 
+def test_generate_through_the_kernel_matches_xla():
+    """`generate` (cache of 5 + 9 tokens rounded up to 64 slots) gives the same greedy tokens with
+    the kernel in interpret mode as with XLA's attention; a bad name is refused."""
+    from higgs_jax.models.llama import generate
+
+    params = random_params(CFG, jax.random.key(2))
+    prompt = jax.random.randint(jax.random.key(3), (2, 5), 0, CFG.vocab_size, jnp.int32)
+    want = generate(params, CFG, prompt, 9, attention="xla")
+    got = generate(params, CFG, prompt, 9, attention="interpret")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="attention must be one of .* got 'fast'"):
+        generate(params, CFG, prompt, 2, attention="fast")
+
+
 def test_bad_attention_implementation_is_named():
     params = random_params(CFG, jax.random.key(0))
     with pytest.raises(ValueError, match="attention must be one of .* got 'triton'"):

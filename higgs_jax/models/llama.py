@@ -588,17 +588,20 @@ def _sample(
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _generate_impl(params, prompt, key, temperature, top_k, config, max_new_tokens, greedy, dtype):
+def _generate_impl(
+    params, prompt, key, temperature, top_k, config, max_new_tokens, greedy, dtype, cache_len,
+    attention,
+):
     B, P = prompt.shape
-    cache = init_cache(config, B, P + max_new_tokens, dtype)
-    logits, cache = forward(params, prompt, config, cache=cache, dtype=dtype)
+    cache = init_cache(config, B, cache_len, dtype)
+    logits, cache = forward(params, prompt, config, cache=cache, dtype=dtype, attention=attention)
     first = _sample(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k, greedy)
     out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
 
     def step(i, carry):
         out, cache = carry
         tok = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
-        logits, cache = forward(params, tok, config, cache=cache, dtype=dtype)
+        logits, cache = forward(params, tok, config, cache=cache, dtype=dtype, attention=attention)
         nxt = _sample(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k, greedy)
         return out.at[:, i].set(nxt), cache
 
@@ -607,8 +610,14 @@ def _generate_impl(params, prompt, key, temperature, top_k, config, max_new_toke
 
 
 _generate_jit = jax.jit(
-    _generate_impl, static_argnames=("config", "max_new_tokens", "greedy", "dtype")
+    _generate_impl,
+    static_argnames=("config", "max_new_tokens", "greedy", "dtype", "cache_len", "attention"),
 )
+
+#: `generate` rounds its KV cache up to a multiple of this many slots (within
+#: max_position_embeddings): the decode-attention kernel walks the cache in 64-slot blocks and
+#: needs S to be a multiple of 16; the extra slots are masked like every slot past the last token.
+CACHE_ROUND = 64
 
 
 def generate(
@@ -621,6 +630,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     dtype: Any = jnp.float32,
+    attention: str = "auto",
 ) -> jax.Array:
     """Autoregressive decoding with a KV cache (one jitted prefill + `fori_loop` decode).
 
@@ -633,11 +643,14 @@ def generate(
         temperature: 0 for greedy decoding, else softmax temperature.
         top_k: Sample only among the ``top_k`` most likely tokens (None: all).
         dtype: Compute dtype.
+        attention: decode-step attention (`ATTENTION_IMPLEMENTATIONS`; "auto": the Pallas
+            kernel on a supported NVIDIA GPU). The cache is rounded up to `CACHE_ROUND` slots.
 
     Returns:
         int32 (B, P + max_new_tokens) (or (P + max_new_tokens,)): prompt followed by new tokens.
         No early stop at EOS: callers cut at their EOS id.
     """
+    _check_attention(attention)
     prompt = jnp.asarray(prompt_tokens, jnp.int32)
     squeeze = prompt.ndim == 1
     if squeeze:
@@ -670,5 +683,8 @@ def generate(
         max_new_tokens=int(max_new_tokens),
         greedy=temperature == 0.0,
         dtype=jnp.dtype(dtype),
+        cache_len=max(total, min(-(-total // CACHE_ROUND) * CACHE_ROUND,
+                                 config.max_position_embeddings)),
+        attention=attention,
     )
     return out[0] if squeeze else out
