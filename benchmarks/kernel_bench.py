@@ -11,7 +11,9 @@ full op (rotation + LUT matmul) and as the kernel alone (pre-rotated activations
 Timing: JAX device time = R back-to-back calls in one jitted fori_loop / R (see
 `pallas_kernels.higgs_matmul.autotune.time_device`), cycling through copies of the weights so
 that they are not served from L2; PyTorch: CUDA graph of R calls (same copies) timed with CUDA
-events. Copy bandwidth: PyTorch device-to-device copy of 1 GiB, (read + write) / time.
+events. Copy bandwidth: PyTorch device-to-device copy of 1 GiB, (read + write) / time. Each
+kernel cell of the table: time, speed-up vs torch, bandwidth share and roofline speed-up (the
+cell's codes + scales + x + y bytes moved at copy bandwidth; `format_cell`).
 
 Usage: PYTHONPATH=. python benchmarks/kernel_bench.py [--mode explore|full] [--budget-s 420]
   [--paths default,wide,nk] (kernel configs timed per (p, bits) and M: `default_config`,
@@ -545,7 +547,8 @@ def _main(argv=None) -> int:
             f"{dev_t * 1e6:.1f} us device"
         ),
         "",
-        "times in us (device); xN = speed-up vs torch bf16; bw = (codes+scales+x+y bytes)/time / copy BW",
+        "times in us (device); xN = speed-up vs torch bf16; bw = (codes+scales+x+y bytes)/time / copy BW; "
+        "roof = the speed-up over torch if those bytes moved at copy BW (the roofline)",
         "",
         "| K x N | M | torch | jnp.dot | deq+dot 4b | "
         + " | ".join(
@@ -566,10 +569,7 @@ def _main(argv=None) -> int:
         for (p, n), path in [(g, path) for g in GRIDS for path in paths]:
             tag = path_tag(p, n, path)
             if f"{tag}_us" in e:
-                cells.append(
-                    f"{e[f'{tag}_us']:.1f} ({e['torch_us'] / e[f'{tag}_us']:.2f}x, "
-                    f"bw {e[f'{tag}_bw_frac']:.0%})"
-                )
+                cells.append(format_cell(e, tag))
             elif path == "nk" and (p, n) not in NK_GRIDS:
                 cells.append("n/a")
             else:
@@ -582,6 +582,26 @@ def _main(argv=None) -> int:
     (out_dir / f"{args.tag}.md").write_text(md + "\n")
     print("\n" + md)
     return 0
+
+
+def roofline_speedup(torch_us: float, us: float, bw_frac: float) -> float:
+    """Speed-up over torch of a kernel that moved the cell's bytes at copy bandwidth: those bytes
+    take ``bw_frac * us`` at copy bandwidth (``bw_frac`` = bytes / time / copy bandwidth)."""
+    return torch_us / (bw_frac * us)
+
+
+def format_cell(entry: dict, tag: str) -> str:
+    """One kernel cell of the table: ``us (speed-up vs torch, bw share, roof = roofline speed-up)``."""
+    us, frac, torch_us = entry[f"{tag}_us"], entry[f"{tag}_bw_frac"], entry["torch_us"]
+    has_torch = math.isfinite(torch_us)
+    parts = [f"{torch_us / us:.2f}x" if has_torch else "no torch"]
+    if math.isfinite(frac) and frac > 0:
+        parts.append(f"bw {frac:.0%}")
+        if has_torch:
+            parts.append(f"roof {roofline_speedup(torch_us, us, frac):.1f}x")
+    else:
+        parts.append("bw n/a")
+    return f"{us:.1f} ({', '.join(parts)})"
 
 
 if __name__ == "__main__":
