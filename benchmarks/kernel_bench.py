@@ -547,8 +547,10 @@ def _main(argv=None) -> int:
             f"{dev_t * 1e6:.1f} us device"
         ),
         "",
-        "times in us (device); xN = speed-up vs torch bf16; bw = (codes+scales+x+y bytes)/time / copy BW; "
-        "roof = the speed-up over torch if those bytes moved at copy BW (the roofline)",
+        (
+            "times in us (device); xN = speed-up vs torch bf16; bw = (codes+scales+x+y bytes)/time"
+            " / copy BW; roof = the speed-up over torch if those bytes moved at copy BW (roofline)"
+        ),
         "",
         "| K x N | M | torch | jnp.dot | deq+dot 4b | "
         + " | ".join(
